@@ -1,0 +1,30 @@
+# The README's two commands live here: `make run` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: run test servers lint typecheck bench clean
+
+run: $(VENV)/.installed
+	$(BIN)/singleton run config.example.yaml
+
+test: servers $(VENV)/.dev
+	$(BIN)/ruff check singleton tests jobs
+	$(BIN)/mypy singleton
+	$(BIN)/pytest
+
+servers:
+	scripts/install-servers
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[all,dev]'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

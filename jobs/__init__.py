@@ -1,0 +1,1 @@
+"""Example jobs, registered with the ``@singleton.job`` decorator: one per mode."""

@@ -1,0 +1,74 @@
+"""From a config file to what the commands need: settings, jobs, an open backend.
+
+Everything a user can get wrong is found here, before anything is acquired: the file, the
+jobs, and whether the backend can give what each job's mode needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from singleton.backends import open_backend
+from singleton.backends.base import Backend, default_replica_id
+from singleton.config import Settings, load_settings
+from singleton.errors import ConfigError
+from singleton.job import Job, resolve
+from singleton.urls import redact, scheme
+
+
+@dataclass(frozen=True)
+class App:
+    """A loaded configuration."""
+
+    settings: Settings
+    base: Path
+    jobs: dict[str, Job]
+
+    @property
+    def replica_id(self) -> str:
+        return self.settings.replica_id or default_replica_id()
+
+    @property
+    def backend_url(self) -> str:
+        """The backend URL with a relative SQLite path made absolute against the config's
+        folder, so every replica names the same file wherever it was started."""
+        url = self.settings.backend.url
+        if (
+            scheme(url) == "sqlite"
+            and url.startswith("sqlite:///")
+            and not url.startswith("sqlite:////")
+        ):
+            return f"sqlite:///{self.base / url.removeprefix('sqlite:///')}"
+        return url
+
+    def open_backend(self) -> Backend:
+        backend = open_backend(self.backend_url, **self.settings.backend.options)
+        try:
+            self.check_capabilities(backend)
+        except ConfigError:
+            backend.close()
+            raise
+        return backend
+
+    def check_capabilities(self, backend: Backend) -> None:
+        """A job whose mode the backend cannot serve is refused at start, not at 2 a.m."""
+        caps = backend.capabilities
+        for job in self.jobs.values():
+            if job.mode == "ownership" and not caps.fencing:
+                raise ConfigError(
+                    f"jobs.{job.name}: mode ownership needs a backend with fencing;"
+                    f" {redact(self.settings.backend.url)} has none"
+                )
+            if job.lock_ttl < caps.min_ttl:
+                raise ConfigError(
+                    f"jobs.{job.name}.lock_ttl: {job.lock_ttl:g}s is below this backend's minimum"
+                    f" of {caps.min_ttl:g}s"
+                )
+
+
+def load(path: Path, *, with_jobs: bool = True) -> App:
+    """Read and check the config at ``path``; ``with_jobs=False`` skips importing job code
+    (for commands that only read the ledger)."""
+    settings, base = load_settings(path)
+    return App(settings, base, resolve(settings, base) if with_jobs else {})

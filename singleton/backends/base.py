@@ -1,0 +1,272 @@
+"""The backend contract: what every coordinator must do, and nothing more.
+
+A backend implements **atomic storage steps** only. Policy (dedup, takeover, retries, token
+regression) lives once, in :mod:`singleton.firing`, so seven backends cannot disagree about
+it. Contention is a value (``None``, a :class:`Claim`), never an exception; exceptions are
+faults: :class:`~singleton.errors.BackendUnavailable` when the coordinator cannot be reached,
+:class:`~singleton.errors.LeaseLost` when a lease is no longer ours.
+
+Every backend passes the shared suite in :mod:`singleton.testing.contract` against a real
+server process.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+#: The states an attempt can be in; ``skipped`` rows record firings that never ran.
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+TIMED_OUT = "timed_out"
+LOST_LEASE = "lost_lease"
+INTERRUPTED = "interrupted"
+ABANDONED = "abandoned"
+SKIPPED = "skipped"
+TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, TIMED_OUT, LOST_LEASE, INTERRUPTED, ABANDONED})
+STATES = TERMINAL_STATES | {RUNNING, SKIPPED}
+
+#: A lease's local deadline is cut short by this share of its TTL (plus 2 ms), measured from
+#: the moment the acquire request was *sent*: the holder gives up before any server could
+#: think the lease expired, whatever the drift between their clocks (node-redlock's 0.01).
+DRIFT_FACTOR = 0.01
+DRIFT_FLOOR = 0.002
+
+
+def default_replica_id() -> str:
+    """``{hostname}-{pid}``: unique on a host, readable in ``status``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def new_owner(replica_id: str) -> str:
+    """An owner string unique per acquisition, so a replica never mistakes an old lease of its
+    own (from before a pause, say) for the one it holds now."""
+    return f"{replica_id}:{secrets.token_hex(6)}"
+
+
+def owner_replica(owner: str) -> str:
+    """The replica part of an owner string made by :func:`new_owner`."""
+    return owner.rsplit(":", 1)[0]
+
+
+def lease_deadline(sent_at: float, ttl: float) -> float:
+    """The local monotonic instant after which a lease acquired or renewed at ``sent_at``
+    must be treated as gone."""
+    return sent_at + ttl - (ttl * DRIFT_FACTOR + DRIFT_FLOOR)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Ownership of a lock name for a TTL.
+
+    ``deadline`` is on the local monotonic clock; a renewal returns a new ``Lease`` and the old
+    one stays as it was (ShedLock's ``extend``), so a stale copy cannot look fresh.
+    """
+
+    name: str
+    owner: str
+    token: int
+    ttl: float
+    deadline: float
+
+    def renewed(self, deadline: float) -> Lease:
+        return replace(self, deadline=deadline)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock now, as far as the coordinator knows."""
+
+    name: str
+    owner: str
+    token: int
+    expires_in: float | None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One firing of one job: the unit the ledger makes idempotent."""
+
+    job: str
+    run_id: str
+    scheduled_at: datetime
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One row of the ledger (the ``history --json`` object, field for field)."""
+
+    run_id: str
+    job: str
+    attempt: int
+    state: str
+    token: int | None
+    replica: str
+    scheduled_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim found and what it wrote.
+
+    ``latest`` is the run's newest attempt *before* this claim (None for a new firing);
+    ``attempt`` is the ``running`` attempt this claim wrote, or None when it wrote nothing
+    because the run had moved on since the caller looked.
+    """
+
+    latest: Attempt | None
+    attempt: Attempt | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, as :meth:`Ledger.finish` records it."""
+
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can promise; the runner refuses a job whose mode needs more.
+
+    ``fencing``: tokens strictly increase per lock name and survive a coordinator restart.
+    ``shared``: replicas on different hosts can share it. ``notify``: standbys are woken by
+    the coordinator on release instead of polling. ``min_ttl``: the shortest lease it grants.
+    """
+
+    fencing: bool
+    shared: bool
+    notify: bool
+    min_ttl: float = 0.0
+
+
+@runtime_checkable
+class LockBackend(Protocol):
+    """Leases with fencing tokens, one lock per name."""
+
+    capabilities: Capabilities
+
+    def try_acquire(self, name: str, ttl: float, owner: str) -> Lease | None:
+        """Take ``name`` for ``ttl`` seconds, or return None at once if someone holds it.
+
+        The token of a granted lease is strictly greater than every token issued before for
+        ``name``, including those of expired and released leases. ``owner`` is unique per
+        acquisition (:func:`new_owner`).
+        """
+        ...
+
+    def renew(self, lease: Lease) -> Lease:
+        """Extend ``lease`` by its TTL from now; raise LeaseLost if it is no longer held by
+        this owner with this token (expired, released, stolen)."""
+        ...
+
+    def release(self, lease: Lease, keep_for: float = 0.0) -> None:
+        """Let go of ``lease`` if it is still ours (compare owner and token; never remove
+        another owner's lease). With ``keep_for`` > 0 the lease stays for that many seconds
+        more instead (``lock_at_least_for``). Releasing a lease already gone is not an error."""
+        ...
+
+    def holder(self, name: str) -> Holder | None:
+        """The current holder of ``name``, or None if it is free."""
+        ...
+
+    def wait(self, name: str, timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early when ``name`` may have been
+        released. Spurious returns are allowed; callers re-check with try_acquire."""
+        ...
+
+    def raise_token(self, name: str, above: int) -> int:
+        """Move ``name``'s token counter so the next lease gets a token above ``above``;
+        returns the counter's value. Used after a token regression and by
+        ``unlock --token-above``; never moves the counter down."""
+        ...
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """The durable record of attempts that makes a firing idempotent."""
+
+    def claim(self, run: Run, lease: Lease, *, seen: int = 0, start: bool = True) -> Claim:
+        """Atomically, while ``lease`` is the current lease of ``run.job``: if the run's latest
+        attempt number equals ``seen`` (0: no attempt), mark that attempt ``abandoned`` if it
+        is still ``running``, and, if ``start``, write attempt ``seen + 1`` as ``running``
+        under the lease's token. Otherwise write nothing. Either way return the latest
+        attempt as it was found. Raises LeaseLost if ``lease`` is not current."""
+        ...
+
+    def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:
+        """Record how ``attempt`` ended, only if it is ``running`` under ``lease``'s token.
+        Returns False (and writes nothing) for a stale owner."""
+        ...
+
+    def skip(self, run: Run, reason: str, replica: str) -> bool:
+        """Record a firing that never ran (``misfired``, ``paused``, ``overlap``) unless the
+        run has any attempt already; True if this call wrote the row."""
+        ...
+
+    def attempts(self, run_id: str) -> list[Attempt]:
+        """Every attempt of one run, newest first."""
+        ...
+
+    def history(self, job: str | None, limit: int) -> list[Attempt]:
+        """Attempts newest first, of one job or all (``limit`` 0 = all)."""
+        ...
+
+    def prune(self, before: datetime, keep: int) -> int:
+        """Delete attempts of firings scheduled before ``before``, and beyond the newest
+        ``keep`` per job; return how many rows went. Running attempts are never pruned."""
+        ...
+
+
+class Backend(LockBackend, Ledger, Protocol):
+    """A coordinator providing both the lock and the ledger, with the fused fast paths.
+
+    :class:`Composed` gives the fast paths by composition; a backend that can do each in one
+    round trip (one Lua script, one SQL transaction) overrides them.
+    """
+
+    url: str
+
+    def acquire_and_claim(self, run: Run, ttl: float, owner: str) -> tuple[Lease, Claim] | None:
+        """try_acquire(run.job) then claim(run, lease, seen=0): None when the lock is busy."""
+        ...
+
+    def finish_and_release(
+        self, run: Run, lease: Lease, attempt: int, outcome: Outcome, keep_for: float = 0.0
+    ) -> bool:
+        """finish() then release(); the release happens even when finish is refused."""
+        ...
+
+    def close(self) -> None:
+        """Drop connections; leases held stay until they expire or are released."""
+        ...
+
+
+class Composed:
+    """The fused fast paths as two calls, for backends that cannot fuse them."""
+
+    def acquire_and_claim(
+        self: Backend, run: Run, ttl: float, owner: str
+    ) -> tuple[Lease, Claim] | None:
+        lease = self.try_acquire(run.job, ttl, owner)
+        if lease is None:
+            return None
+        return lease, self.claim(run, lease)
+
+    def finish_and_release(
+        self: Backend, run: Run, lease: Lease, attempt: int, outcome: Outcome, keep_for: float = 0.0
+    ) -> bool:
+        try:
+            return self.finish(run, lease, attempt, outcome)
+        finally:
+            self.release(lease, keep_for)

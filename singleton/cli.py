@@ -1,0 +1,235 @@
+"""The ``singleton`` command: a thin click adapter over the library.
+
+Exit codes (a contract): 0 ok; 1 a job failed; 2 usage; 69 backend unavailable;
+78 configuration error. A user's mistake ends with one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import click
+
+from singleton import app as app_module
+from singleton.backends.base import Attempt
+from singleton.clock import iso_z, parse_iso
+from singleton.errors import BackendUnavailable, ConfigError, SingletonError
+from singleton.logs import configure
+from singleton.schedule import fire_times
+from singleton.urls import redact
+
+EXIT_JOB_FAILED = 1
+EXIT_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+
+CONFIG = click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn our errors into one line and the contract's exit code."""
+    try:
+        yield
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    except BackendUnavailable as exc:
+        _fail(f"backend unavailable: {exc}", EXIT_UNAVAILABLE)
+    except SingletonError as exc:
+        _fail(str(exc), EXIT_JOB_FAILED)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"singleton: {message}", err=True)
+    sys.exit(code)
+
+
+def _when(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        return parse_iso(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r}: {exc}" if "timezone" in str(exc) else f"{value!r} is not an ISO-8601 time"
+        ) from None
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version("singleton-runner"), prog_name="singleton")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Overrides logging.level of the config.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Overrides logging.format of the config.",
+)
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
+    """Run each firing of each scheduled job once across every replica of a service."""
+    ctx.obj = {"log_level": log_level, "log_format": log_format}
+    configure(log_level or "info", log_format or "text")
+
+
+def _load(path: Path, *, with_jobs: bool = True) -> app_module.App:
+    loaded = app_module.load(path, with_jobs=with_jobs)
+    options: dict[str, Any] = click.get_current_context().find_root().obj or {}
+    logging_config = loaded.settings.logging
+    configure(
+        options.get("log_level") or logging_config.level,
+        options.get("log_format") or logging_config.format,
+    )
+    return loaded
+
+
+@main.command()
+@CONFIG
+def run(config: Path) -> None:
+    """Run the scheduler on this replica until SIGTERM or SIGINT."""
+    from singleton.runner import Runner
+
+    with _errors():
+        loaded = _load(config)
+        backend = loaded.open_backend()
+    try:
+        code = Runner(loaded, backend).run()
+    finally:
+        backend.close()
+    sys.exit(code)
+
+
+@main.command()
+@CONFIG
+def check(config: Path) -> None:
+    """Check the config, the jobs and the backend, then exit."""
+    with _errors():
+        loaded = _load(config)
+        backend = loaded.open_backend()
+        backend.close()
+    click.echo(f"ok: {len(loaded.jobs)} jobs, backend {redact(loaded.backend_url)}")
+
+
+@main.command()
+@CONFIG
+@click.option(
+    "--next",
+    "count",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="How many fire times per job.",
+)
+@click.option("--from", "start", default=None, help="ISO-8601 time to start from (default now).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def jobs(config: Path, count: int, start: str | None, as_json: bool) -> None:
+    """List jobs with their schedule and next fire times."""
+    moment = _when(start)
+    with _errors():
+        loaded = _load(config)
+    listing: list[dict[str, Any]] = [
+        {
+            "name": job.name,
+            "schedule": job.schedule.describe(),
+            "mode": job.mode,
+            "target": job.target.describe(),
+            "lock_ttl": job.lock_ttl,
+            "next": [iso_z(t) for t in fire_times(job.schedule, moment, count)],
+        }
+        for job in loaded.jobs.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    rows = [[j["name"], j["schedule"], j["mode"], ", ".join(j["next"][:3]) or "-"] for j in listing]
+    click.echo(_table(["job", "schedule", "mode", "next"], rows))
+
+
+def attempt_json(row: Attempt) -> dict[str, Any]:
+    """One attempt in the ``history --json`` shape (DESIGN, "Contracts")."""
+
+    def when(moment: datetime | None, millis: bool = True) -> str | None:
+        return iso_z(moment, millis=millis) if moment else None
+
+    return {
+        "run_id": row.run_id,
+        "job": row.job,
+        "attempt": row.attempt,
+        "state": row.state,
+        "reason": row.reason,
+        "token": row.token,
+        "replica": row.replica,
+        "scheduled_at": when(row.scheduled_at, millis=False),
+        "started_at": when(row.started_at),
+        "finished_at": when(row.finished_at),
+        "error": row.error,
+    }
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _duration(row: Attempt) -> str:
+    if row.started_at and row.finished_at:
+        return f"{(row.finished_at - row.started_at).total_seconds():.2f}s"
+    return "-"
+
+
+@main.command()
+@CONFIG
+@click.argument("job", required=False)
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=100, show_default=True, help="0 shows all."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def history(config: Path, job: str | None, limit: int, as_json: bool) -> None:
+    """Show attempts from the ledger, newest first."""
+    with _errors():
+        loaded = _load(config, with_jobs=False)
+        backend = loaded.open_backend()
+        try:
+            rows = backend.history(job, limit)
+        finally:
+            backend.close()
+    if as_json:
+        click.echo(json.dumps([attempt_json(row) for row in rows], indent=2))
+        return
+    table = [
+        [
+            row.run_id,
+            str(row.attempt),
+            row.state + (f" ({row.reason})" if row.reason else ""),
+            _cell(row.token),
+            row.replica,
+            _duration(row),
+            _cell(row.error)[:60],
+        ]
+        for row in rows
+    ]
+    click.echo(_table(["run id", "#", "state", "token", "replica", "took", "error"], table))
+
+
+if __name__ == "__main__":
+    main()

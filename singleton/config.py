@@ -1,0 +1,263 @@
+"""The configuration file: YAML, checked strictly, with environment overrides.
+
+Why so strict: a misspelled key that is silently dropped (``lock_tll: 9m``) is a job that
+runs with the default TTL in production. So unknown keys and duplicate YAML keys are errors
+(PyYAML would keep the last duplicate without a word), a duration needs its unit, and every
+error is one line naming the file, the line and the key.
+
+Environment variables override the file: prefix ``SINGLETON_``, ``__`` between levels, e.g.
+``SINGLETON_JOBS__COMPACT__LOCK_TTL=9m`` (pydantic-settings; names are matched in lower case).
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from singleton.durations import parse_duration
+from singleton.errors import ConfigError
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than 0s")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Mode = Literal["efficiency", "singleton", "ownership"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobSettings(_Strict):
+    """Per-job settings that ``defaults:`` may also set. Unset fields fall back to
+    ``defaults:``, then to :data:`BUILTIN_DEFAULTS`."""
+
+    timezone: str | None = None
+    mode: Mode | None = None
+    lock_ttl: PositiveDuration | None = None
+    lock_at_least_for: Duration | None = None
+    misfire_grace: PositiveDuration | None = None
+    jitter: Duration | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    retry_backoff: Duration | None = None
+    on_orphan: Literal["rerun", "skip"] | None = None
+    overlap: Literal["skip"] | None = None
+    timeout: PositiveDuration | None = None
+    output_limit: Annotated[int, Field(ge=1024, le=64 << 20)] | None = None
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+
+
+BUILTIN_DEFAULTS = JobSettings(
+    timezone="UTC",
+    mode="singleton",
+    lock_ttl=30.0,
+    lock_at_least_for=0.0,
+    misfire_grace=60.0,
+    jitter=0.0,
+    max_attempts=1,
+    retry_backoff=10.0,
+    on_orphan="rerun",
+    overlap="skip",
+    output_limit=64 << 10,
+    env={},
+)
+
+
+class JobConfig(JobSettings):
+    """One job: a schedule, a target and its settings. A job defined by the ``@job``
+    decorator may appear here without a target to override its settings."""
+
+    cron: str | None = None
+    every: PositiveDuration | None = None
+    at: datetime | None = None
+    anchor: datetime | None = None
+    call: str | None = None
+    command: list[str] | None = Field(default=None, min_length=1)
+
+
+class BackendConfig(BaseModel):
+    """``backend:``: the URL, the ledger's retention, and options of that backend."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    url: str = "sqlite:///singleton.db"
+    ledger_retention: PositiveDuration = 30 * 86400.0
+    ledger_keep: Annotated[int, Field(ge=1)] = 10_000
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Backend-specific keys, checked by the backend itself when it is opened."""
+        return dict(self.model_extra or {})
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class ServerConfig(_Strict):
+    listen: str | None = None
+
+
+class Settings(BaseSettings):
+    """The whole file, after environment overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SINGLETON_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    replica_id: str | None = None
+    backend: BackendConfig = BackendConfig()
+    defaults: JobSettings = JobSettings()
+    jobs: dict[str, JobConfig] = {}
+    jobs_modules: list[str] = []
+    shutdown_grace: Duration = 30.0
+    kill_grace: Duration = 5.0
+    max_skew: PositiveDuration = 2.0
+    server: ServerConfig = ServerConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment wins over the file (given as init values), so an operator can
+        change one key of a deployed file without editing it."""
+        return env_settings, init_settings
+
+
+class _Lines(dict[tuple[str, ...], int]):
+    """Key path → line number in the YAML file, to point an error at its line."""
+
+    def find(self, path: tuple[str, ...]) -> int | None:
+        while path:
+            if path in self:
+                return self[path]
+            path = path[:-1]
+        return None
+
+
+def _walk(node: yaml.Node, path: tuple[str, ...], lines: _Lines, source: str) -> None:
+    """Record line numbers and refuse duplicate keys, which PyYAML would silently merge."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{source}:{line}: duplicate key {'.'.join((*path, key))!r}"
+                    f" (first at line {seen[key]})"
+                )
+            seen[key] = line
+            lines[(*path, key)] = line
+            _walk(value_node, (*path, key), lines, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*path, str(index)), lines, source)
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], _Lines]:
+    """The file as a mapping, with its line map; every way it can be unreadable is one line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes; a config file is at most 1 MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if node is None:
+        raise ConfigError(f"{path}: empty config; it needs at least a 'jobs:' mapping")
+    lines = _Lines()
+    _walk(node, (), lines, str(path))
+    data = yaml.SafeLoader("").construct_document(node)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
+        )
+    if "jobs" in data and not isinstance(data["jobs"], dict):
+        line = lines.find(("jobs",))
+        raise ConfigError(f"{path}:{line}: jobs must be a mapping keyed by job name")
+    return data, lines
+
+
+def _known_keys(path: tuple[str, ...]) -> list[str]:
+    fields = {
+        0: Settings.model_fields,
+        "backend": BackendConfig.model_fields,
+        "defaults": JobSettings.model_fields,
+        "jobs": JobConfig.model_fields,
+        "logging": LoggingConfig.model_fields,
+        "server": ServerConfig.model_fields,
+    }
+    key: str | int = 0 if len(path) == 1 else path[0]
+    return list(fields.get(key, {}))
+
+
+def explain(exc: ValidationError, source: str, lines: _Lines) -> ConfigError:
+    """One line from pydantic's errors: where, which key, what is wrong."""
+    errors = exc.errors()
+    first = errors[0]
+    path = tuple(str(part) for part in first["loc"])
+    line = lines.find(path)
+    where = f"{source}:{line}" if line else source
+    key = ".".join(path)
+    if first["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(path[-1], _known_keys(path), n=1)
+        message = f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    else:
+        message = f"{key}: {first['msg'].removeprefix('Value error, ')}"
+        if first["type"] not in ("value_error", "missing") and "input" in first:
+            message += f" (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ConfigError(f"{where}: {message}{more}")
+
+
+def load_settings(path: Path) -> tuple[Settings, Path]:
+    """The validated settings of the file at ``path`` (with the environment's overrides) and
+    the folder that relative paths in it start from."""
+    path = path.expanduser()
+    data, lines = read_yaml(path)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise explain(exc, str(path), lines) from None
+    return settings, path.resolve().parent

@@ -1,0 +1,383 @@
+"""One firing, step by step (DESIGN "One firing"): the policy that every backend shares.
+
+1. Too late (older than ``misfire_grace``) → a ``skipped``/``misfired`` row, nothing runs.
+2. Jitter, then acquire and claim in one step. A busy lock: ``efficiency`` skips the firing;
+   ``singleton`` and ``ownership`` stand by until the lock frees, the firing is done, or the
+   grace ends — and keep standing by while the firing runs elsewhere, to take it over if
+   that owner dies.
+3. The claim says what happened to this firing before: nothing → run attempt 1; done → a
+   dedup; an orphan (running under an older token, interrupted, abandoned) → ``on_orphan``;
+   failed → retry while attempts remain.
+4. The job runs under a :class:`~singleton.lease.LeaseKeeper`; losing the lease, the
+   timeout and shutdown all stop it through the context's ``cancel``.
+5. The outcome is written only under the claim's token, and the lease released in the same
+   step (after ``lock_at_least_for``).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from singleton.backends.base import (
+    ABANDONED,
+    FAILED,
+    INTERRUPTED,
+    LOST_LEASE,
+    RUNNING,
+    SKIPPED,
+    SUCCEEDED,
+    TIMED_OUT,
+    Attempt,
+    Backend,
+    Claim,
+    Lease,
+    Outcome,
+    Run,
+    new_owner,
+)
+from singleton.clock import Clock
+from singleton.context import Cancel, JobContext
+from singleton.errors import BackendError
+from singleton.events import Events
+from singleton.job import Job
+from singleton.lease import LeaseKeeper
+from singleton.schedule import run_id
+
+#: States of a previous attempt after which the firing is done.
+DONE = frozenset({SUCCEEDED, SKIPPED})
+#: States that mean the job never finished on its own: the owner died or was stopped.
+ORPHANED = frozenset({RUNNING, INTERRUPTED, ABANDONED})
+#: States that a retry may follow, while attempts remain.
+RETRYABLE = frozenset({FAILED, TIMED_OUT, LOST_LEASE})
+
+#: How much of a command's output goes into its log line (all of it up to output_limit is
+#: captured; the line stays readable).
+OUTPUT_IN_LOG = 1000
+
+#: How long a standby blocks in one wait before it looks again (and at shutdown).
+STANDBY_POLL = 0.5
+
+
+class TokenMemory:
+    """The highest token this replica has seen per lock. Kept in memory on purpose: it must
+    survive exactly the failure it detects, a coordinator that lost its data."""
+
+    def __init__(self) -> None:
+        self._highest: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, name: str, token: int) -> int | None:
+        """Remember ``token``; if it is not above every token seen, return the highest."""
+        with self._lock:
+            highest = self._highest.get(name, 0)
+            if token <= highest:
+                return highest
+            self._highest[name] = token
+            return None
+
+    def highest(self, name: str) -> int:
+        with self._lock:
+            return self._highest.get(name, 0)
+
+
+@dataclass
+class Owned:
+    """A firing this replica owns: what shutdown needs to stop it and let go."""
+
+    run: Run
+    keeper: LeaseKeeper
+    cancel: Cancel
+    acquired_at: float
+    attempt: int = 0
+
+
+class Firer:
+    """Runs firings for one replica; one call of :meth:`fire` per firing, in its own thread."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        replica: str,
+        clock: Clock,
+        events: Events,
+        stopping: threading.Event,
+    ) -> None:
+        self.backend = backend
+        self.replica = replica
+        self.clock = clock
+        self.events = events
+        self.stopping = stopping
+        self.tokens = TokenMemory()
+        self._owned: dict[str, Owned] = {}
+        self._owned_lock = threading.Lock()
+
+    # -- what the runner asks -----------------------------------------------------------------
+
+    def owns(self, job: str) -> bool:
+        with self._owned_lock:
+            return job in self._owned
+
+    def interrupt_all(self) -> None:
+        """Stop every running job (shutdown grace is over): their attempts end ``interrupted``."""
+        with self._owned_lock:
+            owned = list(self._owned.values())
+        for item in owned:
+            item.cancel.set(INTERRUPTED)
+
+    def abandon_all(self) -> None:
+        """Last resort at exit, for jobs that ignored the interrupt (a sync function cannot be
+        killed): record them ``interrupted`` and release, so a standby takes over at once."""
+        with self._owned_lock:
+            owned = list(self._owned.values())
+            self._owned.clear()
+        for item in owned:
+            lease = item.keeper.stop()
+            try:
+                if item.attempt:
+                    self.backend.finish_and_release(
+                        item.run,
+                        lease,
+                        item.attempt,
+                        Outcome(INTERRUPTED, "shutdown: the job did not stop"),
+                    )
+                else:
+                    self.backend.release(lease)
+            except BackendError as exc:
+                self.events.emit("backend_error", item.run.job, item.run.run_id, error=str(exc))
+
+    # -- the firing -----------------------------------------------------------------------------
+
+    def fire(self, job: Job, scheduled_at: datetime) -> None:
+        run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
+        late = (self.clock.now() - scheduled_at).total_seconds()
+        if late > job.misfire_grace:
+            self._skip(run, "misfired", late=round(late, 3))
+            return
+        if job.jitter and self.clock.wait(self.stopping, random.uniform(0, job.jitter)):
+            return
+        give_up = self.clock.monotonic() + job.misfire_grace - max(0.0, late)
+        for _ in range(3):  # a token regression is repaired and retried, a bounded number of times
+            got = self._acquire(job, run, give_up)
+            if got is None:
+                return
+            if self._own(job, run, *got):
+                return
+
+    def _skip(self, run: Run, reason: str, **fields: Any) -> None:
+        written = self.backend.skip(run, reason, self.replica)
+        self.events.emit("skipped", run.job, run.run_id, reason=reason, recorded=written, **fields)
+
+    def _acquire(self, job: Job, run: Run, give_up: float) -> tuple[Lease, Claim] | None:
+        """Acquire and claim, standing by as the job's mode says; None when this replica
+        has nothing more to do for this firing."""
+        standing_by = False
+        while not self.stopping.is_set():
+            got = self.backend.acquire_and_claim(run, job.lock_ttl, new_owner(self.replica))
+            if got is not None:
+                return got
+            if job.mode == "efficiency":
+                self.events.emit("skipped", run.job, run.run_id, reason="busy", recorded=False)
+                return None
+            if not standing_by:
+                standing_by = True
+                holder = self.backend.holder(job.name)
+                self.events.emit(
+                    "standby", run.job, run.run_id, holder=holder.owner if holder else None
+                )
+            now = self.clock.monotonic()
+            if now >= give_up:
+                latest = self.backend.attempts(run.run_id)
+                if not latest:
+                    self._skip(run, "overlap")
+                    return None
+                if latest[0].state != RUNNING:
+                    return None
+                # The firing started in time and runs elsewhere: keep watching its owner.
+                give_up = now + job.lock_ttl
+            pause = min(STANDBY_POLL, max(0.0, give_up - now)) * random.uniform(0.8, 1.0)
+            self.backend.wait(job.name, pause)
+        return None
+
+    def _own(self, job: Job, run: Run, lease: Lease, claim: Claim) -> bool:
+        """Hold the lease from acquisition to release. False asks the caller to acquire again
+        (after a token regression was repaired)."""
+        self.events.emit("acquired", job.name, run.run_id, lease.token)
+        cancel = Cancel()
+        keeper = LeaseKeeper(
+            self.backend,
+            lease,
+            self.clock,
+            on_lost=lambda reason: self._lost(run, lease.token, cancel, reason),
+            on_renewal_failed=lambda error: self.events.emit(
+                "renewal_failed", run.job, run.run_id, lease.token, error=error
+            ),
+        ).start()
+        owned = Owned(run, keeper, cancel, acquired_at=self.clock.monotonic())
+        with self._owning(owned):
+            if not self._check_tokens(job, run, keeper, claim):
+                return False
+            outcome = None
+            try:
+                outcome = self._work(job, run, owned, claim)
+            finally:
+                self._let_go(job, owned, outcome)
+        return True
+
+    @contextmanager
+    def _owning(self, owned: Owned) -> Iterator[None]:
+        with self._owned_lock:
+            self._owned[owned.run.job] = owned
+        try:
+            yield
+        finally:
+            with self._owned_lock:
+                if self._owned.get(owned.run.job) is owned:
+                    del self._owned[owned.run.job]
+            owned.keeper.stop()
+
+    def _let_go(self, job: Job, owned: Owned, outcome: Outcome | None) -> None:
+        """Write the outcome (under the claim's token) and release, in one step where the
+        backend can; after ``lock_at_least_for`` has passed since acquisition."""
+        lease = owned.keeper.stop()
+        keep_for = max(0.0, job.lock_at_least_for - (self.clock.monotonic() - owned.acquired_at))
+        try:
+            if outcome is None or owned.attempt == 0:
+                self.backend.release(lease, keep_for)
+            elif not self.backend.finish_and_release(
+                owned.run, lease, owned.attempt, outcome, keep_for
+            ):
+                self.events.emit(
+                    "finish_refused", job.name, owned.run.run_id, lease.token, state=outcome.state
+                )
+        except BackendError as exc:
+            self.events.emit(
+                "backend_error", job.name, owned.run.run_id, lease.token, error=str(exc)
+            )
+            return
+        self.events.emit("released", job.name, owned.run.run_id, lease.token)
+
+    def _lost(self, run: Run, token: int, cancel: Cancel, reason: str) -> None:
+        self.events.emit("lost", run.job, run.run_id, token, reason=reason)
+        cancel.set(LOST_LEASE)
+
+    def _check_tokens(self, job: Job, run: Run, keeper: LeaseKeeper, claim: Claim) -> bool:
+        """Tokens never go backwards: a token no higher than one seen before (here, or in the
+        ledger) means the coordinator lost data. Refuse the run, raise the counter, retry."""
+        lease = keeper.lease
+        highest = self.tokens.observe(job.name, lease.token)
+        recorded = claim.latest.token if claim.latest and claim.latest.token else 0
+        if highest is None and recorded < lease.token:
+            return True
+        above = max(highest or 0, recorded)
+        self.events.emit("token_regression", job.name, run.run_id, lease.token, highest=above)
+        keeper.stop()
+        if claim.attempt is not None:
+            self.backend.finish(
+                run, lease, claim.attempt.attempt, Outcome(ABANDONED, "token regression")
+            )
+        self.backend.release(lease)
+        self.backend.raise_token(job.name, above)
+        return False
+
+    def _work(self, job: Job, run: Run, owned: Owned, claim: Claim) -> Outcome | None:
+        """Decide from the claim, run, retry in place; the last attempt's outcome, if any ran."""
+        while True:
+            if claim.attempt is not None:
+                owned.attempt = claim.attempt.attempt
+                outcome = self._execute(job, run, owned, claim.attempt)
+                if not self._retry_after(job, outcome, claim.attempt, owned):
+                    return outcome
+                if not self.backend.finish(run, owned.keeper.lease, owned.attempt, outcome):
+                    self.events.emit(
+                        "finish_refused", run.job, run.run_id, owned.keeper.lease.token
+                    )
+                    return None
+                claim = self.backend.claim(run, owned.keeper.lease, seen=claim.attempt.attempt)
+                continue
+            latest = claim.latest
+            assert latest is not None, "a claim that wrote nothing returns what it found"
+            start = self._decide(job, run, owned.keeper.lease, latest)
+            if start is None:
+                return None
+            claim = self.backend.claim(run, owned.keeper.lease, seen=latest.attempt, start=start)
+            if not start:
+                return None
+
+    def _decide(self, job: Job, run: Run, lease: Lease, latest: Attempt) -> bool | None:
+        """What to do about a firing that has an attempt already: True to start a new
+        attempt, False to close an orphan without running, None to leave it as it is."""
+        if latest.state in DONE:
+            self.events.emit(
+                "skipped",
+                run.job,
+                run.run_id,
+                lease.token,
+                reason="duplicate",
+                previous=latest.state,
+            )
+            return None
+        if latest.state in ORPHANED:
+            self.events.emit(
+                "taken_over",
+                run.job,
+                run.run_id,
+                lease.token,
+                previous=latest.state,
+                previous_token=latest.token,
+                previous_replica=latest.replica,
+                on_orphan=job.on_orphan,
+            )
+            return job.on_orphan == "rerun"
+        if latest.attempt < job.max_attempts:
+            return True
+        self.events.emit("skipped", run.job, run.run_id, lease.token, reason="attempts_exhausted")
+        return None
+
+    def _retry_after(self, job: Job, outcome: Outcome, attempt: Attempt, owned: Owned) -> bool:
+        """Whether to retry in place (holding the lease) after ``retry_backoff``."""
+        if outcome.state not in (FAILED, TIMED_OUT) or attempt.attempt >= job.max_attempts:
+            return False
+        if owned.cancel.is_set() or owned.keeper.lost:
+            return False
+        return not self.clock.wait(self.stopping, job.retry_backoff) and not owned.keeper.lost
+
+    def _execute(self, job: Job, run: Run, owned: Owned, attempt: Attempt) -> Outcome:
+        token = owned.keeper.lease.token
+        ctx = JobContext(
+            job=job.name,
+            run_id=run.run_id,
+            attempt=attempt.attempt,
+            scheduled_at=run.scheduled_at,
+            token=token,
+            replica_id=self.replica,
+            cancel=owned.cancel,
+            lease_remaining=owned.keeper.remaining,
+        )
+        timer = None
+        if job.timeout is not None:
+            timer = threading.Timer(job.timeout, owned.cancel.set, (TIMED_OUT,))
+            timer.daemon = True
+            timer.start()
+        self.events.emit("started", job.name, run.run_id, token, attempt=attempt.attempt)
+        started = self.clock.monotonic()
+        try:
+            result = job.target.run(ctx)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        state = owned.cancel.reason or (SUCCEEDED if result.ok else FAILED)
+        error = None if state == SUCCEEDED else (result.error or state)
+        fields: dict[str, Any] = {"attempt": attempt.attempt}
+        fields["duration"] = round(self.clock.monotonic() - started, 3)
+        if error:
+            fields["error"] = error
+        if result.output.strip():
+            fields["output"] = result.output.strip()[-OUTPUT_IN_LOG:]
+        self.events.emit(state, job.name, run.run_id, token, **fields)
+        return Outcome(state, error)

@@ -1,0 +1,165 @@
+"""``singleton run``: the scheduler, the firings in flight, and a graceful shutdown.
+
+Shutdown (SIGTERM, SIGINT): stop firing; standbys give up at once; running jobs get
+``shutdown_grace`` to finish, then are stopped (``interrupted``) with ``kill_grace`` to
+die; every lease is released so a standby elsewhere takes over without waiting for a TTL.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timedelta
+from types import FrameType
+
+from singleton.app import App
+from singleton.backends.base import Backend, Run
+from singleton.clock import SYSTEM_CLOCK, Clock
+from singleton.events import Events, log_event
+from singleton.firing import Firer
+from singleton.job import Job
+from singleton.schedule import run_id
+from singleton.scheduler import Scheduler
+
+log = logging.getLogger("singleton.runner")
+
+#: How often the ledger's retention is enforced (any replica may do it; it is idempotent).
+PRUNE_EVERY = 3600.0
+
+
+class Runner:
+    """One replica: schedules every job and fires it through the shared backend."""
+
+    def __init__(self, app: App, backend: Backend, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.app = app
+        self.backend = backend
+        self.clock = clock
+        self.replica = app.replica_id
+        self.events = Events(self.replica)
+        self.events.add(log_event)
+        self.stopping = threading.Event()
+        self.firer = Firer(backend, self.replica, clock, self.events, self.stopping)
+        self.scheduler = Scheduler(list(app.jobs.values()), clock, self.dispatch)
+        self._in_flight: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._signals = 0
+
+    # -- firing -----------------------------------------------------------------------------
+
+    def dispatch(self, job: Job, scheduled_at: datetime) -> None:
+        """Start a firing in its own thread, unless this replica is still busy with the
+        job's previous firing: as its owner it records the new one as an ``overlap`` skip;
+        as a standby it leaves the new one to the owner."""
+        with self._lock:
+            busy = job.name in self._in_flight
+            if not busy:
+                thread = threading.Thread(
+                    target=self._fire,
+                    args=(job, scheduled_at),
+                    name=f"fire-{job.name}",
+                    daemon=True,
+                )
+                self._in_flight[job.name] = thread
+                thread.start()
+                return
+        run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
+        if self.firer.owns(job.name):
+            threading.Thread(target=self._skip_overlap, args=(run,), daemon=True).start()
+        else:
+            self.events.emit(
+                "skipped", job.name, run.run_id, reason="busy_standing_by", recorded=False
+            )
+
+    def _fire(self, job: Job, scheduled_at: datetime) -> None:
+        try:
+            self.firer.fire(job, scheduled_at)
+        except Exception as exc:
+            log.exception("firing failed", extra={"fields": {"job": job.name, "error": str(exc)}})
+        finally:
+            with self._lock:
+                self._in_flight.pop(job.name, None)
+
+    def _skip_overlap(self, run: Run) -> None:
+        try:
+            written = self.backend.skip(run, "overlap", self.replica)
+            self.events.emit("skipped", run.job, run.run_id, reason="overlap", recorded=written)
+        except Exception as exc:
+            log.exception(
+                "recording an overlap failed", extra={"fields": {"job": run.job, "error": str(exc)}}
+            )
+
+    def _prune(self) -> None:
+        retention = self.app.settings.backend
+        while not self.stopping.is_set():
+            try:
+                before = self.clock.now() - timedelta(seconds=retention.ledger_retention)
+                gone = self.backend.prune(before, retention.ledger_keep)
+                if gone:
+                    log.info("pruned the ledger", extra={"fields": {"rows": gone}})
+            except Exception as exc:
+                log.warning("pruning the ledger failed", extra={"fields": {"error": str(exc)}})
+            self.clock.wait(self.stopping, PRUNE_EVERY)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until :meth:`stop` (or a signal, when called from the main thread); exit code."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "started",
+            extra={
+                "fields": {
+                    "replica": self.replica,
+                    "jobs": len(self.app.jobs),
+                    "backend": self.backend.url,
+                }
+            },
+        )
+        scheduler = threading.Thread(
+            target=self.scheduler.run, args=(self.stopping,), name="scheduler", daemon=True
+        )
+        scheduler.start()
+        threading.Thread(target=self._prune, name="prune", daemon=True).start()
+        while not self.stopping.is_set():
+            self.stopping.wait(1.0)
+        scheduler.join()
+        self._drain()
+        log.info("stopped", extra={"fields": {"replica": self.replica}})
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os.write(2, b"singleton: second signal, exiting now\n")
+            os._exit(1)
+        log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
+        self.stop()
+
+    def _drain(self) -> None:
+        """Let running jobs finish within ``shutdown_grace``, then stop them."""
+        settings = self.app.settings
+        if not self._wait_idle(settings.shutdown_grace):
+            self.firer.interrupt_all()
+            if not self._wait_idle(settings.kill_grace + 2.0):
+                self.firer.abandon_all()
+
+    def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._in_flight.values())
+            if not threads:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            threads[0].join(min(left, 0.1))

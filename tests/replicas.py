@@ -1,0 +1,156 @@
+"""Several real ``singleton run`` processes on one backend, for multi-process tests.
+
+Reusable by every backend: give :class:`Fleet` a backend URL and the job, start replicas
+(each its own OS process, with ``SINGLETON_REPLICA_ID=r<i>``), and drive faults from the
+ledger's state rather than from sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from singleton.backends import open_backend
+from singleton.backends.base import Attempt, Backend
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def sink_command(sink: Path, sleep: float = 0.0, ignore_term: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "tests.helpers.sink", str(sink), "--sleep", str(sleep)]
+    return [*command, "--ignore-term"] if ignore_term else command
+
+
+@dataclass
+class Replica:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        """Pids whose parent is this replica (its running job commands)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
+                found.append(int(entry.name))
+        return found
+
+    def signal_tree(self, signum: int) -> None:
+        """Send ``signum`` to the replica and to its jobs' process groups."""
+        pgids = {os.getpgid(child) for child in self.children()}
+        os.kill(self.pid, signum)
+        for pgid in pgids:
+            os.killpg(pgid, signum)
+
+
+@dataclass
+class Fleet:
+    """N replicas of one config on one backend."""
+
+    workdir: Path
+    backend_url: str
+    jobs: dict[str, dict[str, object]]
+    settings: dict[str, object] = field(default_factory=dict)
+    replicas: dict[str, Replica] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config = self.workdir / "config.yaml"
+        body = {"backend": {"url": self.backend_url}, "jobs": self.jobs, **self.settings}
+        self.config.write_text(yaml.safe_dump(body))
+        self.ledger: Backend = open_backend(self.backend_url)
+
+    def start(self, name: str, extra_env: dict[str, str] | None = None) -> Replica:
+        log = self.workdir / f"{name}.log"
+        env = dict(os.environ, SINGLETON_REPLICA_ID=name, PYTHONPATH=str(ROOT), **(extra_env or {}))
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "singleton.cli",
+                "--log-format",
+                "json",
+                "run",
+                str(self.config),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+            env=env,
+            cwd=self.workdir,
+        )
+        replica = Replica(name, process, log)
+        self.replicas[name] = replica
+        return replica
+
+    def start_many(self, count: int) -> list[Replica]:
+        return [self.start(f"r{i}") for i in range(1, count + 1)]
+
+    def owner_of(self, attempt: Attempt) -> Replica:
+        return self.replicas[attempt.replica]
+
+    def history(self, job: str) -> list[Attempt]:
+        return self.ledger.history(job, 0)
+
+    def running(self, job: str) -> Attempt | None:
+        return next((a for a in self.history(job) if a.state == "running"), None)
+
+    def stop_all(self) -> None:
+        for replica in self.replicas.values():
+            if replica.process.poll() is None:
+                try:
+                    replica.signal_tree(signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                replica.process.send_signal(signal.SIGTERM)
+        for replica in self.replicas.values():
+            try:
+                replica.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                replica.process.kill()
+                replica.process.wait()
+        self.ledger.close()
+
+
+@contextmanager
+def fleet(
+    workdir: Path, backend_url: str, jobs: dict[str, dict[str, object]], **settings: object
+) -> Iterator[Fleet]:
+    """A :class:`Fleet` that is always stopped, whatever the test did to it."""
+    group = Fleet(workdir, backend_url, jobs, dict(settings))
+    try:
+        yield group
+    finally:
+        group.stop_all()
