@@ -2,9 +2,14 @@
 
 The public API: the :func:`job` decorator, the :class:`JobContext` a job receives, and the
 errors. See ``docs/architecture.md`` for how a firing flows through the modules.
+
+``job`` is imported on first use: a job command that only needs ``singleton.fencing`` should
+not pay for pydantic and the config machinery at every start.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from singleton.context import JobContext
 from singleton.errors import (
@@ -17,7 +22,9 @@ from singleton.errors import (
     StaleToken,
     TokenRegression,
 )
-from singleton.job import job
+
+if TYPE_CHECKING:
+    from singleton.job import job
 
 __all__ = [
     "AlreadyApplied",
@@ -31,3 +38,11 @@ __all__ = [
     "TokenRegression",
     "job",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "job":
+        from singleton.job import job
+
+        return job
+    raise AttributeError(f"module 'singleton' has no attribute {name!r}")

@@ -96,21 +96,19 @@ class Fleet:
     def start(self, name: str, extra_env: dict[str, str] | None = None) -> Replica:
         log = self.workdir / f"{name}.log"
         env = dict(os.environ, SINGLETON_REPLICA_ID=name, PYTHONPATH=str(ROOT), **(extra_env or {}))
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "singleton.cli",
-                "--log-format",
-                "json",
-                "run",
-                str(self.config),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("wb"),
-            env=env,
-            cwd=self.workdir,
-        )
+        command = [
+            sys.executable,
+            "-m",
+            "singleton",
+            "--log-format",
+            "json",
+            "run",
+            str(self.config),
+        ]
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=self.workdir
+            )
         replica = Replica(name, process, log)
         self.replicas[name] = replica
         return replica

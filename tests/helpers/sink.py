@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 from singleton.errors import AlreadyApplied, StaleToken
 from singleton.fencing.sqlite import fence
@@ -52,11 +53,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    token = os.environ["SINGLETON_FENCING_TOKEN"]
+    Path(f"{args.sink}.started-{token}").touch()
     time.sleep(args.sleep)
     write(
         args.sink,
         os.environ["SINGLETON_RUN_ID"],
-        int(os.environ["SINGLETON_FENCING_TOKEN"]),
+        int(token),
         os.environ["SINGLETON_REPLICA_ID"],
     )
 

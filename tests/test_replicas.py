@@ -1,0 +1,192 @@
+"""Three real ``singleton run`` processes on one SQLite file, under real faults.
+
+Each job run writes ``run_id token replica`` through the SQLite fencing guard into a sink
+that logs every write, applied or refused. Faults are driven from the ledger's state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from singleton.clock import iso_z, parse_iso
+from tests.replicas import FAKETIME, fleet, sink_command, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def sink_writes(sink: Path) -> list[sqlite3.Row]:
+    if not sink.exists():
+        return []
+    conn = sqlite3.connect(sink, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM writes ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def applied_by_run(sink: Path) -> dict[str, list[int]]:
+    applied: dict[str, list[int]] = {}
+    for row in sink_writes(sink):
+        if row["applied"]:
+            applied.setdefault(row["run_id"], []).append(row["token"])
+    return applied
+
+
+def soon() -> str:
+    """An ``anchor`` two seconds from now, so a ``every: 30s`` job fires once, promptly."""
+    return iso_z(datetime.now(UTC) + timedelta(seconds=2))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+def test_every_firing_runs_exactly_once_across_three_replicas(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    sink = tmp_path / "sink.db"
+    job = {"every": "1s", "command": sink_command(sink), "lock_ttl": "5s"}
+    with fleet(tmp_path, sqlite_url, {"tick": job}) as group:
+        group.start_many(3)
+        wait_for("30 firings", lambda: len(applied_by_run(sink)) >= 30, timeout=60, every=0.5)
+        history = group.history("tick")
+    applied = applied_by_run(sink)
+    assert all(len(tokens) == 1 for tokens in applied.values()), applied
+    assert not [row for row in sink_writes(sink) if not row["applied"]]
+    succeeded: dict[str, int] = {}
+    for attempt in history:
+        if attempt.state == "succeeded":
+            succeeded[attempt.run_id] = succeeded.get(attempt.run_id, 0) + 1
+    assert set(succeeded) >= set(applied)
+    assert max(succeeded.values()) == 1
+    fired = sorted(parse_iso(run_id.split("@", 1)[1]) for run_id in applied)
+    gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(fired)}
+    assert gaps == {1.0}, f"firings were missed: gaps {gaps}"
+    assert len({a.replica for a in history}) >= 2, "one replica did everything"
+
+
+def test_sigkill_of_the_owner_mid_run_is_taken_over_within_the_ttl(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    sink = tmp_path / "sink.db"
+    job = {
+        "every": "30s",
+        "anchor": soon(),
+        "command": sink_command(sink, sleep=2.0),
+        "lock_ttl": "2s",
+    }
+    with fleet(tmp_path, sqlite_url, {"slow": job}) as group:
+        group.start_many(3)
+        first = wait_for("a running attempt", lambda: group.running("slow"), timeout=40)
+        owner = group.owner_of(first)
+        owner.process.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        group.replicas.pop(owner.name).process.wait()
+
+        def takeover() -> object:
+            rows = group.ledger.attempts(first.run_id)
+            return rows if len(rows) >= 2 and rows[0].started_at else None
+
+        rows = wait_for("the takeover", takeover, timeout=10)
+        taken = rows[0].started_at
+        assert taken is not None
+        assert taken.timestamp() - killed_at < 2.0 + 1.0
+        assert rows[0].replica != owner.name and rows[0].token > first.token
+        assert rows[1].state == "abandoned"
+        wait_for("the takeover's write", lambda: first.run_id in applied_by_run(sink), timeout=10)
+    assert applied_by_run(sink)[first.run_id] == [rows[0].token]
+
+
+def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, sqlite_url: str) -> None:
+    sink = tmp_path / "sink.db"
+    command = sink_command(sink, sleep=1.0, ignore_term=True)
+    job = {"every": "30s", "anchor": soon(), "command": command, "lock_ttl": "2s"}
+    with fleet(tmp_path, sqlite_url, {"paused": job}, kill_grace="1s") as group:
+        group.start_many(3)
+        first = wait_for("a running attempt", lambda: group.running("paused"), timeout=40)
+        started = Path(f"{sink}.started-{first.token}")
+        wait_for("the job to ignore SIGTERM", started.exists, timeout=5)
+        owner = group.owner_of(first)
+        owner.signal_tree(signal.SIGSTOP)
+
+        def successor_wrote() -> object:
+            return [t for t in applied_by_run(sink).get(first.run_id, []) if t > first.token]
+
+        wait_for("the successor's write", successor_wrote, timeout=4.0 + 1.0)
+        time.sleep(max(0.0, 4.0 - 2.0))
+        owner.signal_tree(signal.SIGCONT)
+
+        def stale_refused() -> object:
+            return [r for r in sink_writes(sink) if r["token"] == first.token and not r["applied"]]
+
+        wait_for("the stale owner's refused write", stale_refused, timeout=5)
+        wait_for(
+            "the stale attempt to be closed",
+            lambda: group.ledger.attempts(first.run_id)[-1].state == "abandoned",
+            timeout=5,
+        )
+    assert len(applied_by_run(sink)[first.run_id]) == 1
+
+
+def test_sigterm_of_the_owner_hands_over_well_under_the_ttl(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    sink = tmp_path / "sink.db"
+    job = {
+        "every": "30s",
+        "anchor": soon(),
+        "command": sink_command(sink, sleep=3.0),
+        "lock_ttl": "10s",
+    }
+    with fleet(tmp_path, sqlite_url, {"handover": job}, shutdown_grace="200ms") as group:
+        group.start_many(3)
+        first = wait_for("a running attempt", lambda: group.running("handover"), timeout=40)
+        owner = group.owner_of(first)
+        owner.process.send_signal(signal.SIGTERM)
+        stopped_at = time.time()
+
+        def successor() -> object:
+            rows = group.ledger.attempts(first.run_id)
+            return rows[0] if len(rows) >= 2 and rows[0].started_at else None
+
+        second = wait_for("a standby to take over", successor, timeout=10)
+        assert owner.process.wait(timeout=10) == 0
+        assert group.ledger.attempts(first.run_id)[1].state == "interrupted"
+    assert second.started_at is not None
+    assert second.started_at.timestamp() - stopped_at < 10 / 4
+
+
+def test_a_replica_one_second_ahead_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
+    assert FAKETIME.exists(), "faketime is missing: run scripts/install-servers"
+    sink = tmp_path / "sink.db"
+    job = {"every": "1s", "command": sink_command(sink), "lock_ttl": "5s"}
+    skewed = {
+        "LD_PRELOAD": str(FAKETIME),
+        "FAKETIME": "+1s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
+    with fleet(tmp_path, sqlite_url, {"tick": job}) as group:
+        group.start("r1")
+        group.start("r2")
+        group.start("fast", skewed)
+        wait_for("10 firings", lambda: len(applied_by_run(sink)) >= 10, timeout=30, every=0.5)
+        history = group.history("tick")
+    applied = applied_by_run(sink)
+    assert all(len(tokens) == 1 for tokens in applied.values())
+    assert "fast" in {a.replica for a in history}, "the skewed replica never ran: was it alive?"
+    assert (
+        max(sum(1 for a in history if a.run_id == r and a.state == "succeeded") for r in applied)
+        == 1
+    )
