@@ -24,6 +24,7 @@ from singleton.firing import Firer
 from singleton.job import Job
 from singleton.schedule import run_id
 from singleton.scheduler import Scheduler
+from singleton.urls import redact
 
 log = logging.getLogger("singleton.runner")
 
@@ -117,7 +118,7 @@ class Runner:
                 "fields": {
                     "replica": self.replica,
                     "jobs": len(self.app.jobs),
-                    "backend": self.backend.url,
+                    "backend": redact(self.backend.url),
                 }
             },
         )
