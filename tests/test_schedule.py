@@ -7,6 +7,7 @@ cronsim: walk every UTC minute, convert it with zoneinfo, and apply cron(8)'s ru
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -378,7 +379,7 @@ def test_zone_with_nothing_close_says_what_to_write() -> None:
 def test_every_fires_at_multiples_of_the_interval_since_the_epoch() -> None:
     got = fire_times(every_schedule(7), utc("2026-05-01T10:00:00.250Z"), 20)
     assert all(int(t.timestamp()) % 7 == 0 for t in got)
-    assert all(b - a == timedelta(seconds=7) for a, b in zip(got, got[1:], strict=False))
+    assert all(b - a == timedelta(seconds=7) for a, b in itertools.pairwise(got))
     assert got[0] - timedelta(seconds=7) <= utc("2026-05-01T10:00:00.250Z") < got[0]
 
 
