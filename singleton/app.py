@@ -34,12 +34,9 @@ class App:
         """The backend URL with a relative SQLite path made absolute against the config's
         folder, so every replica names the same file wherever it was started."""
         url = self.settings.backend.url
-        if (
-            scheme(url) == "sqlite"
-            and url.startswith("sqlite:///")
-            and not url.startswith("sqlite:////")
-        ):
-            return f"sqlite:///{self.base / url.removeprefix('sqlite:///')}"
+        relative = url.removeprefix("sqlite:///")
+        if scheme(url) == "sqlite" and relative != url and not relative.startswith(("/", ":")):
+            return f"sqlite:///{self.base / relative}"
         return url
 
     def open_backend(self) -> Backend:
@@ -70,5 +67,14 @@ class App:
 def load(path: Path, *, with_jobs: bool = True) -> App:
     """Read and check the config at ``path``; ``with_jobs=False`` skips importing job code
     (for commands that only read the ledger)."""
-    settings, base = load_settings(path)
-    return App(settings, base, resolve(settings, base) if with_jobs else {})
+    settings, base, lines = load_settings(path)
+    if not with_jobs:
+        return App(settings, base, {})
+    try:
+        return App(settings, base, resolve(settings, base))
+    except ConfigError as exc:
+        # Errors found after validation (a cron, a target, a timezone) start with the key's
+        # path, "jobs.<name>…"; point them at the job's line as validation errors do.
+        key = str(exc).split(":", 1)[0]
+        line = lines.find(tuple(key.split(".")[:2])) if key.startswith("jobs.") else None
+        raise ConfigError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}") from None

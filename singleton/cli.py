@@ -46,7 +46,7 @@ def _errors() -> Iterator[None]:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"singleton: {message}", err=True)
+    click.echo(f"singleton: {redact(message)}", err=True)
     sys.exit(code)
 
 

@@ -18,29 +18,33 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from singleton.durations import parse_duration
 from singleton.errors import ConfigError
+from singleton.urls import redact
 
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def _duration(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"duration {value!r} has no unit: write {value}s or {value}ms")
     try:
         return parse_duration(value)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
 
 
-def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be more than 0s")
-    return value
-
-
-Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+#: A year: longer is a typo (and ``.inf`` is not a duration).
+_LONGEST = 366 * 86400.0
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=_LONGEST)]
+PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=_LONGEST)]
 Mode = Literal["efficiency", "singleton", "ownership"]
 
 
@@ -68,19 +72,21 @@ class JobSettings(_Strict):
     cwd: Path | None = None
 
 
-BUILTIN_DEFAULTS = JobSettings(
-    timezone="UTC",
-    mode="singleton",
-    lock_ttl=30.0,
-    lock_at_least_for=0.0,
-    misfire_grace=60.0,
-    jitter=0.0,
-    max_attempts=1,
-    retry_backoff=10.0,
-    on_orphan="rerun",
-    overlap="skip",
-    output_limit=64 << 10,
-    env={},
+BUILTIN_DEFAULTS = JobSettings.model_validate(
+    {
+        "timezone": "UTC",
+        "mode": "singleton",
+        "lock_ttl": "30s",
+        "lock_at_least_for": "0s",
+        "misfire_grace": "60s",
+        "jitter": "0s",
+        "max_attempts": 1,
+        "retry_backoff": "10s",
+        "on_orphan": "rerun",
+        "overlap": "skip",
+        "output_limit": 64 << 10,
+        "env": {},
+    }
 )
 
 
@@ -123,8 +129,13 @@ class ServerConfig(_Strict):
 class Settings(BaseSettings):
     """The whole file, after environment overrides."""
 
+    # Defaults are trusted values in seconds; validating them would refuse their lack of unit.
     model_config = SettingsConfigDict(
-        env_prefix="SINGLETON_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="SINGLETON_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=False,
     )
 
     replica_id: str | None = None
@@ -152,7 +163,7 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
-class _Lines(dict[tuple[str, ...], int]):
+class Lines(dict[tuple[str, ...], int]):
     """Key path → line number in the YAML file, to point an error at its line."""
 
     def find(self, path: tuple[str, ...]) -> int | None:
@@ -163,7 +174,7 @@ class _Lines(dict[tuple[str, ...], int]):
         return None
 
 
-def _walk(node: yaml.Node, path: tuple[str, ...], lines: _Lines, source: str) -> None:
+def _walk(node: yaml.Node, path: tuple[str, ...], lines: Lines, source: str) -> None:
     """Record line numbers and refuse duplicate keys, which PyYAML would silently merge."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
@@ -183,7 +194,17 @@ def _walk(node: yaml.Node, path: tuple[str, ...], lines: _Lines, source: str) ->
             _walk(item, (*path, str(index)), lines, source)
 
 
-def read_yaml(path: Path) -> tuple[dict[str, Any], _Lines]:
+class _Loader(yaml.SafeLoader):
+    """A safe loader whose value errors (``2026-04-31``) carry the line of their node."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, str(exc), node.start_mark) from None
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], Lines]:
     """The file as a mapping, with its line map; every way it can be unreadable is one line."""
     try:
         raw = path.read_bytes()
@@ -206,9 +227,15 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], _Lines]:
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     if node is None:
         raise ConfigError(f"{path}: empty config; it needs at least a 'jobs:' mapping")
-    lines = _Lines()
+    lines = Lines()
     _walk(node, (), lines, str(path))
-    data = yaml.SafeLoader("").construct_document(node)
+    try:
+        data = _Loader("").construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: cannot read a value: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
@@ -232,7 +259,7 @@ def _known_keys(path: tuple[str, ...]) -> list[str]:
     return list(fields.get(key, {}))
 
 
-def explain(exc: ValidationError, source: str, lines: _Lines) -> ConfigError:
+def explain(exc: ValidationError, source: str, lines: Lines) -> ConfigError:
     """One line from pydantic's errors: where, which key, what is wrong."""
     errors = exc.errors()
     first = errors[0]
@@ -246,18 +273,23 @@ def explain(exc: ValidationError, source: str, lines: _Lines) -> ConfigError:
     else:
         message = f"{key}: {first['msg'].removeprefix('Value error, ')}"
         if first["type"] not in ("value_error", "missing") and "input" in first:
-            message += f" (got {first['input']!r})"
+            message += f" (got {redact(repr(first['input']))})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{where}: {message}{more}")
 
 
-def load_settings(path: Path) -> tuple[Settings, Path]:
-    """The validated settings of the file at ``path`` (with the environment's overrides) and
-    the folder that relative paths in it start from."""
+def load_settings(path: Path) -> tuple[Settings, Path, Lines]:
+    """The validated settings of the file at ``path`` (with the environment's overrides), the
+    folder that relative paths in it start from, and its line map for later errors."""
     path = path.expanduser()
     data, lines = read_yaml(path)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         raise explain(exc, str(path), lines) from None
-    return settings, path.resolve().parent
+    except SettingsError as exc:
+        raise ConfigError(
+            f"environment: {exc} (a list or mapping set from the environment is JSON,"
+            """ e.g. SINGLETON_JOBS_MODULES='["jobs.nightly"]')"""
+        ) from None
+    return settings, path.resolve().parent, lines

@@ -140,7 +140,10 @@ def _target(
         return CallTarget(func, name)
     kind = _one_of(values, TARGET_KEYS, "target", name)
     if kind == "call":
-        return CallTarget(load_callable(values["call"]), name)
+        try:
+            return CallTarget(load_callable(values["call"]), name)
+        except ConfigError as exc:
+            raise ConfigError(f"jobs.{name}.call: {exc}") from None
     cwd = values.get("cwd")
     return CommandTarget(
         values["command"],
@@ -187,7 +190,10 @@ def _resolve_one(name: str, settings: Settings, base: Path) -> Job:
     if yaml_job is not None:
         layers.append(yaml_job)
     values = _merge(*layers)
-    zone(values["timezone"])
+    try:
+        zone(values["timezone"])
+    except ConfigError as exc:
+        raise ConfigError(f"jobs.{name}.timezone: {exc}") from None
     if values["jitter"] >= values["lock_ttl"]:
         raise ConfigError(f"jobs.{name}.jitter: must be shorter than lock_ttl")
     return Job(

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from datetime import timezone as fixed_offset
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -40,6 +41,7 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_SECOND = timedelta(seconds=1)
 _ONE_MINUTE = timedelta(minutes=1)
+_ONE_DAY = timedelta(days=1)
 # Where the "does it ever fire" probe starts. Fixed rather than "now", so that whether a
 # configuration is valid never depends on the day it is loaded.
 _PROBE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
@@ -178,13 +180,23 @@ def _split(expr: str) -> list[str]:
 class _CronSchedule:
     """A crontab(5) expression evaluated in one timezone, following cron(8) across DST.
 
-    The five minute-level fields always go to cronsim as a 5-field expression, because only
-    then does cronsim apply Debian cron's DST rule (a fixed time skipped by spring-forward runs
-    once at the jump, a repeated one runs once, the first time; a ``*`` minute or hour follows
-    the wall clock). cronsim turns that rule off for 6-field expressions, yet a seconds field
-    changes nothing about which minutes should fire, so we keep the rule by expanding the
-    seconds field ourselves within each minute cronsim finds, adding the seconds in UTC (so a
-    skipped ``0 30 2 * * *`` still fires once, at the jump).
+    cronsim does the calendar matching. Around DST it is trusted only where it matches
+    cron(8), and the other two cases are routed around it:
+
+    * A fixed time (neither minute nor hour starts with ``*``) goes to cronsim as a 5-field
+      expression in the job's zone, the one case where cronsim applies Debian cron's rule (a
+      time skipped by spring-forward runs once at the jump, a repeated one runs once, the
+      first time). cronsim drops that rule for 6-field expressions, yet a seconds field
+      changes nothing about which minutes should fire, so we expand the seconds field
+      ourselves within each minute cronsim finds, adding the seconds in UTC (a skipped
+      ``0 30 2 * * *`` still fires once, at the jump).
+    * A wall-clock job (minute or hour starts with ``*``) fires at every instant whose local
+      time matches. cronsim gets that wrong near a change: it steps hours as if offsets only
+      moved by whole hours (Lord Howe's 30-minute shift loses whole hours of ``* 3 * * *``),
+      it lands on non-existent midnights in zones that change at 00:00 (Santiago, Havana,
+      Cairo), and ``* 3 * * *`` in Pacific/Chatham's fall-back never returns at all. So we
+      give it one fixed UTC offset at a time, where its arithmetic is exact, and move to the
+      next offset whenever a change falls before the firing it found.
     """
 
     def __init__(self, expr: str, timezone: str) -> None:
@@ -203,6 +215,7 @@ class _CronSchedule:
         self._tz = zone(timezone)
         self._minute_expr = " ".join(parts)
         self._seconds = seconds
+        self._wall_clock = parts[0].startswith("*") or parts[1].startswith("*")
         try:
             first = self.next_after(_PROBE_FROM)
         except CronSimError:  # its only remaining complaint: a day no chosen month has
@@ -210,17 +223,36 @@ class _CronSchedule:
         if first is None:
             raise ConfigError(f"cron '{expr}': schedule never fires")
 
-    def _minute_fires(self, after: datetime) -> Iterator[datetime]:
-        """Minute-level fire instants in UTC strictly after ``after``, in order.
-
-        cronsim's "after" is in local wall-clock terms for a fixed time: started inside the
-        second pass of a repeated hour, it offers that hour's first pass, which is earlier.
-        Dropping those keeps "strictly after" true.
-        """
+    def _next_fixed(self, after: datetime) -> datetime | None:
+        """cronsim's "after" is local wall-clock time for a fixed time: started in the second
+        pass of a repeated hour it offers that hour's first pass, which is earlier. Skipping
+        those keeps "strictly after" true."""
         for fire in CronSim(self._minute_expr, after.astimezone(self._tz)):
             fire_utc = fire.astimezone(UTC)
             if fire_utc > after:
-                yield fire_utc
+                return fire_utc
+        return None
+
+    def _next_wall_clock(self, after: datetime) -> datetime | None:
+        start, probe = after, after
+        while True:
+            fixed = fixed_offset(_offset(self._tz, probe))
+            fire = next(CronSim(self._minute_expr, start.astimezone(fixed)), None)
+            if fire is None:
+                return None
+            change = _offset_change(self._tz, probe, fire)
+            if change is None:
+                return fire.astimezone(UTC)
+            # Nothing matched under the old offset before the change; go on under the new one,
+            # one second early so that a firing at the change itself is found.
+            start, probe = change - _ONE_SECOND, change
+
+    def _minute_fires(self, after: datetime) -> Iterator[datetime]:
+        """Minute-level firings in UTC strictly after ``after``, in order."""
+        next_minute = self._next_wall_clock if self._wall_clock else self._next_fixed
+        while (fire := next_minute(after)) is not None:
+            yield fire
+            after = fire
 
     def next_after(self, moment: datetime) -> datetime | None:
         _require_aware(moment, "moment")
@@ -339,6 +371,37 @@ def _require_aware(
     do not share."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise error(f"{what} needs a timezone (Z or +01:00), got naive {moment.isoformat()}")
+
+
+def _offset(tz: ZoneInfo, moment: datetime) -> timedelta:
+    return moment.astimezone(tz).utcoffset() or timedelta(0)
+
+
+def _offset_change(tz: ZoneInfo, start: datetime, end: datetime) -> datetime | None:
+    """The first instant in (start, end] where ``tz``'s UTC offset differs from its offset at
+    ``start``; None if it holds throughout.
+
+    zoneinfo does not publish its transitions, so look a day at a time (no zone changes
+    twice in a day) and bisect the day that changed down to the second, the resolution of
+    tzdata. A call for a firing a minute away costs one lookup.
+    """
+    offset = _offset(tz, start)
+    low = start
+    while low < end:
+        high = min(low + _ONE_DAY, end)
+        if _offset(tz, high) != offset:
+            # Whole epoch seconds: offsets change on whole seconds, and integers halve exactly.
+            old = (low - _EPOCH) // _ONE_SECOND
+            new = -((_EPOCH - high) // _ONE_SECOND)
+            while new - old > 1:
+                middle = (old + new) // 2
+                if _offset(tz, _EPOCH + timedelta(seconds=middle)) == offset:
+                    old = middle
+                else:
+                    new = middle
+            return _EPOCH + timedelta(seconds=new)
+        low = high
+    return None
 
 
 @functools.cache

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-_USERINFO = re.compile(
-    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<secret>[^@/]*)@"
-)
+#: ``scheme://user:secret@`` — the secret runs to the *last* ``@`` before the host, as
+#: ``urlsplit`` reads it, so a password containing ``@`` is hidden whole.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s'\"]*):[^/\s'\"]*@")
 
 
-def redact(url: str) -> str:
-    """``redis://u:secret@h`` → ``redis://u:***@h``: URLs reach logs, ``check``, ``status``
-    and error reports, and a password must reach none of them."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url, count=1)
+def redact(text: str) -> str:
+    """``redis://u:secret@h`` → ``redis://u:***@h``, wherever URLs appear in ``text``: they
+    reach logs, ``check``, ``status`` and error reports, and a password must reach none."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def scheme(url: str) -> str:
