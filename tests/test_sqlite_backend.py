@@ -107,5 +107,5 @@ def test_a_missing_folder_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_a_url_with_a_host_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="want sqlite:///relative.db"):
+    with pytest.raises(ConfigError, match=r"want sqlite:///relative\.db"):
         SqliteBackend("sqlite://somehost/state.db")
