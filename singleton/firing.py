@@ -43,7 +43,7 @@ from singleton.backends.base import (
 )
 from singleton.clock import Clock
 from singleton.context import Cancel, JobContext
-from singleton.errors import BackendError
+from singleton.errors import BackendError, LeaseLost
 from singleton.events import Events
 from singleton.job import Job
 from singleton.lease import LeaseKeeper
@@ -159,15 +159,18 @@ class Firer:
         if late > job.misfire_grace:
             self._skip(run, "misfired", late=round(late, 3))
             return
+        give_up = self.clock.monotonic() + job.misfire_grace - max(0.0, late)
         if job.jitter and self.clock.wait(self.stopping, random.uniform(0, job.jitter)):
             return
-        give_up = self.clock.monotonic() + job.misfire_grace - max(0.0, late)
+        voided = 0
         for _ in range(3):  # a token regression is repaired and retried, a bounded number of times
             got = self._acquire(job, run, give_up)
             if got is None:
                 return
-            if self._own(job, run, *got):
+            again = self._own(job, run, *got, voided=voided)
+            if again is None:
                 return
+            voided = again
 
     def _skip(self, run: Run, reason: str, **fields: Any) -> None:
         written = self.backend.skip(run, reason, self.replica)
@@ -204,9 +207,10 @@ class Firer:
             self.backend.wait(job.name, pause)
         return None
 
-    def _own(self, job: Job, run: Run, lease: Lease, claim: Claim) -> bool:
-        """Hold the lease from acquisition to release. False asks the caller to acquire again
-        (after a token regression was repaired)."""
+    def _own(self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int) -> int | None:
+        """Hold the lease from acquisition to release. After a token regression it returns
+        the attempt it voided (0 if none) and asks the caller to acquire again; that attempt
+        is then rerun whatever ``on_orphan`` says, since it never ran."""
         self.events.emit("acquired", job.name, run.run_id, lease.token)
         cancel = Cancel()
         keeper = LeaseKeeper(
@@ -220,14 +224,16 @@ class Firer:
         ).start()
         owned = Owned(run, keeper, cancel, acquired_at=self.clock.monotonic())
         with self._owning(owned):
-            if not self._check_tokens(job, run, keeper, claim):
-                return False
+            if not self._tokens_ok(job, run, keeper, claim):
+                return claim.attempt.attempt if claim.attempt else 0
             outcome = None
             try:
-                outcome = self._work(job, run, owned, claim)
+                outcome = self._work(job, run, owned, claim, voided)
+            except LeaseLost as exc:
+                self.events.emit("lost", run.job, run.run_id, lease.token, reason=str(exc))
             finally:
                 self._let_go(job, owned, outcome)
-        return True
+        return None
 
     @contextmanager
     def _owning(self, owned: Owned) -> Iterator[None]:
@@ -266,12 +272,12 @@ class Firer:
         self.events.emit("lost", run.job, run.run_id, token, reason=reason)
         cancel.set(LOST_LEASE)
 
-    def _check_tokens(self, job: Job, run: Run, keeper: LeaseKeeper, claim: Claim) -> bool:
+    def _tokens_ok(self, job: Job, run: Run, keeper: LeaseKeeper, claim: Claim) -> bool:
         """Tokens never go backwards: a token no higher than one seen before (here, or in the
         ledger) means the coordinator lost data. Refuse the run, raise the counter, retry."""
         lease = keeper.lease
         highest = self.tokens.observe(job.name, lease.token)
-        recorded = claim.latest.token if claim.latest and claim.latest.token else 0
+        recorded = claim.highest
         if highest is None and recorded < lease.token:
             return True
         above = max(highest or 0, recorded)
@@ -285,7 +291,7 @@ class Firer:
         self.backend.raise_token(job.name, above)
         return False
 
-    def _work(self, job: Job, run: Run, owned: Owned, claim: Claim) -> Outcome | None:
+    def _work(self, job: Job, run: Run, owned: Owned, claim: Claim, voided: int) -> Outcome | None:
         """Decide from the claim, run, retry in place; the last attempt's outcome, if any ran."""
         while True:
             if claim.attempt is not None:
@@ -302,16 +308,20 @@ class Firer:
                 continue
             latest = claim.latest
             assert latest is not None, "a claim that wrote nothing returns what it found"
-            start = self._decide(job, run, owned.keeper.lease, latest)
+            start = self._decide(job, run, owned.keeper.lease, latest, voided)
             if start is None:
                 return None
             claim = self.backend.claim(run, owned.keeper.lease, seen=latest.attempt, start=start)
             if not start:
                 return None
 
-    def _decide(self, job: Job, run: Run, lease: Lease, latest: Attempt) -> bool | None:
+    def _decide(
+        self, job: Job, run: Run, lease: Lease, latest: Attempt, voided: int
+    ) -> bool | None:
         """What to do about a firing that has an attempt already: True to start a new
         attempt, False to close an orphan without running, None to leave it as it is."""
+        if latest.state == ABANDONED and latest.attempt == voided:
+            return True
         if latest.state in DONE:
             self.events.emit(
                 "skipped",
@@ -348,7 +358,11 @@ class Firer:
         return not self.clock.wait(self.stopping, job.retry_backoff) and not owned.keeper.lost
 
     def _execute(self, job: Job, run: Run, owned: Owned, attempt: Attempt) -> Outcome:
+        """One attempt. It has its own cancel, fed by the ownership's (lease lost, shutdown)
+        and by its own timeout, so a timed-out attempt does not stop the retry after it."""
         token = owned.keeper.lease.token
+        cancel = Cancel()
+        owned.cancel.on_set(cancel.set)
         ctx = JobContext(
             job=job.name,
             run_id=run.run_id,
@@ -356,12 +370,12 @@ class Firer:
             scheduled_at=run.scheduled_at,
             token=token,
             replica_id=self.replica,
-            cancel=owned.cancel,
+            cancel=cancel,
             lease_remaining=owned.keeper.remaining,
         )
         timer = None
         if job.timeout is not None:
-            timer = threading.Timer(job.timeout, owned.cancel.set, (TIMED_OUT,))
+            timer = threading.Timer(job.timeout, cancel.set, (TIMED_OUT,))
             timer.daemon = True
             timer.start()
         self.events.emit("started", job.name, run.run_id, token, attempt=attempt.attempt)
@@ -371,7 +385,7 @@ class Firer:
         finally:
             if timer is not None:
                 timer.cancel()
-        state = owned.cancel.reason or (SUCCEEDED if result.ok else FAILED)
+        state = cancel.reason or (SUCCEEDED if result.ok else FAILED)
         error = None if state == SUCCEEDED else (result.error or state)
         fields: dict[str, Any] = {"attempt": attempt.attempt}
         fields["duration"] = round(self.clock.monotonic() - started, 3)

@@ -196,6 +196,8 @@ def _resolve_one(name: str, settings: Settings, base: Path) -> Job:
         raise ConfigError(f"jobs.{name}.timezone: {exc}") from None
     if values["jitter"] >= values["lock_ttl"]:
         raise ConfigError(f"jobs.{name}.jitter: must be shorter than lock_ttl")
+    if values["lock_at_least_for"] > values["lock_ttl"]:
+        raise ConfigError(f"jobs.{name}.lock_at_least_for: must not be longer than lock_ttl")
     return Job(
         name=name,
         schedule=_schedule(values, name),

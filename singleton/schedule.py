@@ -143,7 +143,7 @@ def _field_values(spec: _Field, text: str) -> set[int]:
         else:
             start, dash, end = base.partition("-")
             first = _value(spec, text, start)
-            # "5/15" means "from 5 to the end, every 15", as in cronsim and Vixie cron.
+            # "5/15" means "from 5 to the end, every 15", as cronsim reads it.
             last = _value(spec, text, end) if dash else spec.high if slash else first
             if last < first:
                 raise _FieldError(f"{spec.name} field '{text}': range {base} runs backwards")
@@ -364,9 +364,7 @@ def at_schedule(moment: datetime) -> Schedule:
 # --------------------------------------------------------------------------- helpers
 
 
-def _require_aware(
-    moment: datetime, what: str, error: type[Exception] = ValueError
-) -> None:
+def _require_aware(moment: datetime, what: str, error: type[Exception] = ValueError) -> None:
     """Refuse naive datetimes: Python would read them in the host's zone, which replicas
     do not share."""
     if moment.tzinfo is None or moment.utcoffset() is None:

@@ -120,11 +120,14 @@ class Claim:
 
     ``latest`` is the run's newest attempt *before* this claim (None for a new firing);
     ``attempt`` is the ``running`` attempt this claim wrote, or None when it wrote nothing
-    because the run had moved on since the caller looked.
+    because the run had moved on since the caller looked. ``highest`` is the highest token
+    the ledger had recorded for the job before this claim: a lease token not above it means
+    the lock's counter went backwards.
     """
 
     latest: Attempt | None
     attempt: Attempt | None
+    highest: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,9 @@ class LockBackend(Protocol):
 
     def release(self, lease: Lease, keep_for: float = 0.0) -> None:
         """Let go of ``lease`` if it is still ours (compare owner and token; never remove
-        another owner's lease). With ``keep_for`` > 0 the lease stays for that many seconds
-        more instead (``lock_at_least_for``). Releasing a lease already gone is not an error."""
+        another owner's lease). With ``keep_for`` > 0 the lease is shortened to expire that
+        many seconds from now instead, never lengthened (``lock_at_least_for``). Releasing
+        a lease already gone is not an error."""
         ...
 
     def holder(self, name: str) -> Holder | None:

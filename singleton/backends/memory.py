@@ -86,7 +86,7 @@ class MemoryBackend(Composed):
             except LeaseLost:
                 return
             if keep_for > 0:
-                slot.expires = self._clock.monotonic() + keep_for
+                slot.expires = min(slot.expires, self._clock.monotonic() + keep_for)
             else:
                 slot.owner = None
             self._cond.notify_all()
@@ -113,14 +113,15 @@ class MemoryBackend(Composed):
             self._current(lease)
             rows = self._runs.setdefault(run.run_id, [])
             latest = rows[0] if rows else None
+            highest = max((row.token or 0 for row in self._order if row.job == run.job), default=0)
             if (latest.attempt if latest else 0) != seen:
-                return Claim(latest, None)
+                return Claim(latest, None, highest)
             if latest is not None and latest.state == RUNNING:
                 self._replace(
                     latest, replace(latest, state=ABANDONED, finished_at=self._clock.now())
                 )
             if not start:
-                return Claim(latest, None)
+                return Claim(latest, None, highest)
             new = Attempt(
                 run_id=run.run_id,
                 job=run.job,
@@ -132,7 +133,7 @@ class MemoryBackend(Composed):
                 started_at=self._clock.now(),
             )
             self._insert(new)
-            return Claim(latest, new)
+            return Claim(latest, new, highest)
 
     def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:
         with self._cond:

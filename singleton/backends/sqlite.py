@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS singleton_attempts (
     UNIQUE (run_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS singleton_attempts_by_job ON singleton_attempts (job, seq);
+CREATE INDEX IF NOT EXISTS singleton_attempts_by_token ON singleton_attempts (job, token);
 """
 
 _ACQUIRE = """
@@ -340,8 +341,11 @@ class SqliteBackend:
         self, conn: sqlite3.Connection, run: Run, lease: Lease, seen: int, start: bool
     ) -> Claim:
         latest = self._latest(conn, run.run_id)
+        highest = conn.execute(
+            "SELECT COALESCE(MAX(token), 0) FROM singleton_attempts WHERE job = ?", (run.job,)
+        ).fetchone()[0]
         if (latest.attempt if latest else 0) != seen:
-            return Claim(latest, None)
+            return Claim(latest, None, highest)
         now = iso_z(self._clock.now(), millis=True)
         if latest is not None and latest.state == RUNNING:
             conn.execute(
@@ -350,7 +354,7 @@ class SqliteBackend:
                 (ABANDONED, now, run.run_id, latest.attempt),
             )
         if not start:
-            return Claim(latest, None)
+            return Claim(latest, None, highest)
         conn.execute(
             "INSERT INTO singleton_attempts (run_id, attempt, job, state, token, replica,"
             " scheduled_at, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -365,7 +369,7 @@ class SqliteBackend:
                 now,
             ),
         )
-        return Claim(latest, self._latest(conn, run.run_id))
+        return Claim(latest, self._latest(conn, run.run_id), highest)
 
     def claim(self, run: Run, lease: Lease, *, seen: int = 0, start: bool = True) -> Claim:
         with self._tx() as conn:
