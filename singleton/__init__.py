@@ -24,7 +24,7 @@ from singleton.errors import (
 )
 
 if TYPE_CHECKING:
-    from singleton.job import job
+    from singleton.jobs import job
 
 __all__ = [
     "AlreadyApplied",
@@ -42,7 +42,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "job":
-        from singleton.job import job
+        from singleton.jobs import job
 
         return job
     raise AttributeError(f"module 'singleton' has no attribute {name!r}")

@@ -13,7 +13,7 @@ from singleton.backends import open_backend
 from singleton.backends.base import Backend, default_replica_id
 from singleton.config import Settings, load_settings
 from singleton.errors import ConfigError
-from singleton.job import Job, resolve
+from singleton.jobs import Job, resolve
 from singleton.urls import redact, scheme
 
 

@@ -45,7 +45,7 @@ from singleton.clock import Clock
 from singleton.context import Cancel, JobContext
 from singleton.errors import BackendError, LeaseLost
 from singleton.events import Events
-from singleton.job import Job
+from singleton.jobs import Job
 from singleton.lease import LeaseKeeper
 from singleton.schedule import run_id
 

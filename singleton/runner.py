@@ -21,7 +21,7 @@ from singleton.backends.base import Backend, Run
 from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.events import Events, log_event
 from singleton.firing import Firer
-from singleton.job import Job
+from singleton.jobs import Job
 from singleton.schedule import run_id
 from singleton.scheduler import Scheduler
 from singleton.urls import redact

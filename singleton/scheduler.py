@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from singleton.clock import Clock
-from singleton.job import Job
+from singleton.jobs import Job
 
 log = logging.getLogger("singleton.scheduler")
 

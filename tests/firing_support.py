@@ -1,6 +1,6 @@
 """Builders shared by the firing, lease, scheduler and runner tests.
 
-Everything here is real: jobs are :class:`~singleton.job.Job` values, replicas are
+Everything here is real: jobs are :class:`~singleton.jobs.Job` values, replicas are
 :class:`~singleton.firing.Firer` objects on real backends, and outcomes are read from the
 ledger and from the events a replica emits, polled with a bounded wait instead of sleeps.
 """
@@ -21,7 +21,7 @@ from singleton.backends.base import Attempt, Backend
 from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.events import Event, Events
 from singleton.firing import Firer
-from singleton.job import Job
+from singleton.jobs import Job
 from singleton.schedule import every_schedule, run_id
 from singleton.targets import CallTarget, CommandTarget, Target
 

@@ -28,9 +28,8 @@ from singleton.backends.base import Capabilities
 from singleton.backends.memory import MemoryBackend
 from singleton.cli import main
 
-#: The module itself: ``singleton.job`` may be the decorator or the module, depending on
-#: what has been imported, so go through ``sys.modules``.
-JOB_MODULE = importlib.import_module("singleton.job")
+#: The module holding the ``@job`` registry.
+JOB_MODULE = importlib.import_module("singleton.jobs")
 SINGLETON = Path(sys.executable).with_name("singleton")
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 EXIT_USAGE = 2

@@ -27,9 +27,8 @@ from singleton.errors import ConfigError
 from singleton.targets import CallTarget, CommandTarget
 from singleton.urls import redact
 
-#: The module itself: ``singleton.job`` may be the decorator or the module, depending on
-#: what has been imported, so go through ``sys.modules``.
-JOB_MODULE = importlib.import_module("singleton.job")
+#: The module holding the ``@job`` registry.
+JOB_MODULE = importlib.import_module("singleton.jobs")
 
 #: The variables DESIGN's contract sets for a job command; a command that runs ``singleton``
 #: itself inherits them.
@@ -86,7 +85,7 @@ def jobs_module(tmp_path: Path) -> Callable[[str], str]:
 
 
 DECORATED = """
-    from singleton.job import job
+    from singleton.jobs import job
 
     @job(name="{name}", every="10s", lock_ttl="20s", misfire_grace="7s", max_attempts=2)
     def work(ctx):
@@ -733,3 +732,20 @@ def test_an_in_memory_sqlite_database_is_refused(tmp_path: Path) -> None:
     path = write_config(tmp_path, "backend:\n  url: 'sqlite:///:memory:'\njobs: {}\n")
     with pytest.raises(ConfigError, match="in-memory database cannot be shared"):
         load(path).open_backend()
+
+
+def test_the_public_decorator_registers_a_job_from_jobs_modules(
+    tmp_path: Path, jobs_module: Callable[[str], str]
+) -> None:
+    name = unique_job_name()
+    module = jobs_module(
+        f"""
+        import singleton
+
+        @singleton.job(name="{name}", every="5s")
+        def work(ctx):
+            return None
+        """
+    )
+    path = write_config(tmp_path, f"jobs_modules: [{module}]\njobs: {{}}\n")
+    assert load(path).jobs[name].schedule.describe() == "every 5s"

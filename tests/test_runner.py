@@ -19,7 +19,7 @@ from singleton.backends.base import Backend
 from singleton.backends.memory import MemoryBackend
 from singleton.backends.sqlite import SqliteBackend
 from singleton.config import Settings
-from singleton.job import Job
+from singleton.jobs import Job
 from singleton.runner import Runner
 from singleton.schedule import every_schedule, run_id
 from singleton.targets import CommandTarget

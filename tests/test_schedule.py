@@ -73,14 +73,19 @@ def _oracle(expr: str, tz_name: str, start: datetime, end: datetime) -> list[dat
     if len(fields) == 6:
         seconds = sorted(_allowed(fields[0], 59))
         fields = fields[1:]
-    minute_text, hour_text, *days = fields
-    assert days == ["*", "*", "*"], "the oracle only knows daily expressions"
+    minute_text, hour_text, dom_text, month_text, dow_text = fields
+    assert month_text == "*", "the oracle knows no months"
     minutes, hours = _allowed(minute_text, 59), _allowed(hour_text, 23)
+    doms, dows = _allowed(dom_text, 31), {day % 7 for day in _allowed(dow_text, 7)}
+    either_day = not dom_text.startswith("*") and not dow_text.startswith("*")
     wall_clock = minute_text.startswith("*") or hour_text.startswith("*")
     tz = ZoneInfo(tz_name)
 
     def matches(wall: datetime) -> bool:
-        return wall.minute in minutes and wall.hour in hours
+        if wall.minute not in minutes or wall.hour not in hours:
+            return False
+        on_dom, on_dow = wall.day in doms, wall.isoweekday() % 7 in dows
+        return (on_dom or on_dow) if either_day else (on_dom and on_dow)
 
     fires: list[datetime] = []
     t = start.replace(second=0, microsecond=0)
@@ -121,6 +126,21 @@ ORACLE_EXPRS = [
 ]
 
 
+# Where cronsim alone disagrees with cron(8): wall-clock jobs near a 30- or 45-minute zone's
+# change, or in a zone that changes at midnight (and Chatham's `* 3 * * *`, where it hangs).
+WALL_CLOCK_EDGES = [
+    ("* 3 * * *", "Australia/Lord_Howe", "2026-04-05"),
+    ("* 3 * * *", "Australia/Lord_Howe", "2026-10-04"),
+    ("30 * * * 0", "Australia/Lord_Howe", "2026-04-05"),
+    ("*/10 2,3 * * *", "Australia/Lord_Howe", "2026-04-05"),
+    ("* 3 * * *", "Pacific/Chatham", "2026-04-05"),
+    ("* 1 * * 0", "America/Santiago", "2026-09-06"),
+    ("* 0 6 * *", "America/Santiago", "2026-09-06"),
+    ("* 0 24 * *", "Africa/Cairo", "2026-04-24"),
+]
+ALL_ORACLE_CASES = [(e, tz, day) for e in ORACLE_EXPRS for tz, day in DST_DAYS] + WALL_CLOCK_EDGES
+
+
 def _window(day: str) -> tuple[datetime, datetime]:
     midnight = utc(f"{day}T00:00:00Z")
     return midnight - timedelta(hours=14), midnight + timedelta(hours=48)
@@ -144,9 +164,17 @@ def test_fire_times_across_dst_match_the_cron8_oracle(expr: str, tz: str, day: s
     assert fires_between(expr, tz, start, end) == list(_oracle_fires(expr, tz, day))
 
 
+@pytest.mark.parametrize(("expr", "tz", "day"), WALL_CLOCK_EDGES)
+def test_wall_clock_jobs_at_awkward_changes_match_the_cron8_oracle(
+    expr: str, tz: str, day: str
+) -> None:
+    start, end = _window(day)
+    assert fires_between(expr, tz, start, end) == list(_oracle_fires(expr, tz, day))
+
+
 @settings(max_examples=150, deadline=None, database=None)
 @given(
-    case=st.sampled_from([(e, tz, day) for e in ORACLE_EXPRS for tz, day in DST_DAYS]),
+    case=st.sampled_from(ALL_ORACLE_CASES),
     offset=st.integers(min_value=0, max_value=34 * 3600 * 1_000_000),
 )
 def test_next_after_any_instant_matches_the_oracle(
@@ -154,8 +182,12 @@ def test_next_after_any_instant_matches_the_oracle(
 ) -> None:
     expr, tz, day = case
     moment = _window(day)[0] + timedelta(microseconds=offset)
-    expected = next(f for f in _oracle_fires(expr, tz, day) if f > moment)
-    assert cron_schedule(expr, tz).next_after(moment) == expected
+    expected = next((f for f in _oracle_fires(expr, tz, day) if f > moment), None)
+    got = cron_schedule(expr, tz).next_after(moment)
+    if expected is None:  # a weekly or yearly job whose next firing is past the window
+        assert got is not None and got > _window(day)[1]
+    else:
+        assert got == expected
 
 
 # --------------------------------------------------------------------------- cron and DST
@@ -395,7 +427,7 @@ def test_every_accepts_a_whole_float() -> None:
     )
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(
     interval=st.integers(min_value=1, max_value=10**7),
     anchor=st.datetimes(

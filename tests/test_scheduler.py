@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from singleton.clock import SYSTEM_CLOCK
-from singleton.job import Job
+from singleton.jobs import Job
 from singleton.schedule import at_schedule, every_schedule
 from singleton.scheduler import MAX_BACKLOG, Scheduler
 from tests.firing_support import Background, make_job, wait_for
