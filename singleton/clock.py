@@ -23,6 +23,13 @@ class Clock(Protocol):
         """Block until ``event`` is set or ``timeout`` seconds pass; True if it was set."""
         ...
 
+    def sleep(self, seconds: float) -> None:
+        """Block for ``seconds``."""
+        ...
+
+
+_NEVER = threading.Event()
+
 
 class SystemClock:
     """The real clocks of this host."""
@@ -35,6 +42,11 @@ class SystemClock:
 
     def wait(self, event: threading.Event, timeout: float) -> bool:
         return event.wait(max(0.0, timeout))
+
+    def sleep(self, seconds: float) -> None:
+        # Not time.sleep: under libfaketime (how clock skew is tested) its absolute
+        # clock_nanosleep fails with EINVAL, while a timed wait on an event works.
+        _NEVER.wait(max(0.0, seconds))
 
 
 SYSTEM_CLOCK = SystemClock()

@@ -239,9 +239,8 @@ def _pdeathsig_prefix() -> tuple[str, ...]:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         return ()
-    probe = subprocess.run(
-        [setpriv, "--help"], capture_output=True, text=True, check=False, timeout=10
-    )
+    # No timeout: Popen.wait(timeout) polls with time.sleep, which libfaketime breaks.
+    probe = subprocess.run([setpriv, "--help"], capture_output=True, text=True, check=False)
     return (setpriv, "--pdeathsig", "KILL", "--") if "--pdeathsig" in probe.stdout else ()
 
 

@@ -175,6 +175,9 @@ class StoppedClock:
     def wait(self, event: threading.Event, timeout: float) -> bool:
         return event.wait(0.005)
 
+    def sleep(self, seconds: float) -> None:
+        time.sleep(0.005)
+
 
 def test_after_a_pause_past_the_deadline_the_lease_is_lost_without_a_renewal() -> None:
     clock = StoppedClock()

@@ -190,3 +190,17 @@ def test_a_replica_one_second_ahead_changes_nothing(tmp_path: Path, sqlite_url: 
         max(sum(1 for a in history if a.run_id == r and a.state == "succeeded") for r in applied)
         == 1
     )
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path, sqlite_url: str) -> None:
+    sink = tmp_path / "sink.db"
+    job = {"every": "30s", "anchor": soon(), "command": sink_command(sink, sleep=30.0)}
+    with fleet(tmp_path, sqlite_url, {"long": job}, shutdown_grace="60s") as group:
+        replica = group.start("r1")
+        wait_for("a running attempt", lambda: group.running("long"), timeout=40)
+        replica.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert replica.process.poll() is None, "the first signal waits for the running job"
+        replica.process.send_signal(signal.SIGTERM)
+        assert replica.process.wait(timeout=3) == 1
+    assert "second signal" in replica.log.read_text()

@@ -35,6 +35,9 @@ class FakeClock:
             self.jump(timeout)
         return event.is_set()
 
+    def sleep(self, seconds: float) -> None:
+        self.jump(seconds)
+
     def jump(self, seconds: float) -> None:
         self.wall += timedelta(seconds=seconds)
         self.mono += max(0.0, seconds)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -313,7 +312,7 @@ class SqliteBackend:
             left = end - self._clock.monotonic()
             if left <= 0:
                 return
-            time.sleep(min(_POLL, left))
+            self._clock.sleep(min(_POLL, left))
 
     def raise_token(self, name: str, above: int) -> int:
         with self._tx() as conn:

@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     token = os.environ["SINGLETON_FENCING_TOKEN"]
     Path(f"{args.sink}.started-{token}").touch()
-    time.sleep(args.sleep)
+    # An event's timed wait, not time.sleep: under libfaketime the latter fails (EINVAL).
+    threading.Event().wait(args.sleep)
     write(
         args.sink,
         os.environ["SINGLETON_RUN_ID"],
