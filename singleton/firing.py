@@ -287,8 +287,7 @@ class Firer:
             self.backend.finish(
                 run, lease, claim.attempt.attempt, Outcome(ABANDONED, "token regression")
             )
-        self.backend.release(lease)
-        self.backend.raise_token(job.name, above)
+        self.backend.evict(job.name, above)  # lets go of our lease and moves the counter
         return False
 
     def _work(self, job: Job, run: Run, owned: Owned, claim: Claim, voided: int) -> Outcome | None:

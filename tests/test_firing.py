@@ -829,7 +829,7 @@ def test_a_token_regression_is_refused_repaired_and_the_firing_runs_above_the_hi
     seen, work = counting()
     job = make_job("compact", work)
     before = MemoryBackend()
-    before.raise_token("compact", 99)
+    before.evict("compact", 99)
     replica = make_replica(before)
     replica.fire(job, fire_time(seconds_ago=1.0))
     assert [ctx.token for ctx in seen] == [100]
@@ -848,7 +848,7 @@ def test_a_token_regression_is_refused_repaired_and_the_firing_runs_above_the_hi
         (1, "abandoned", 1),
         (2, "succeeded", 101),
     ]
-    assert after.raise_token("compact", 0) >= 101, "the counter was raised past the highest"
+    assert after.evict("compact", 0) >= 101, "the counter was raised past the highest"
 
 
 def test_the_attempt_voided_by_a_regression_runs_even_with_on_orphan_skip() -> None:
@@ -871,7 +871,7 @@ def test_a_token_below_the_ledgers_record_is_a_regression_for_a_replica_that_kno
 ) -> None:
     backend = open_sqlite()
     at = fire_time()
-    backend.raise_token("compact", 49)
+    backend.evict("compact", 49)
     earlier = previous_attempt(backend, "compact", at, FAILED)
     assert earlier == 50
     # The lock table loses its counter; the ledger keeps its record.

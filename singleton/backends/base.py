@@ -189,10 +189,11 @@ class LockBackend(Protocol):
         released. Spurious returns are allowed; callers re-check with try_acquire."""
         ...
 
-    def raise_token(self, name: str, above: int) -> int:
-        """Move ``name``'s token counter so the next lease gets a token above ``above``;
-        returns the counter's value. Used after a token regression and by
-        ``unlock --token-above``; never moves the counter down."""
+    def evict(self, name: str, token_above: int = 0) -> int:
+        """Remove whoever holds ``name`` and move its token counter to at least
+        ``token_above`` (never down); return the counter. The evicted holder's next renewal
+        fails and every later token is above its own. Used to repair a token regression and
+        by ``unlock --force``."""
         ...
 
 

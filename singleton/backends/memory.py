@@ -102,10 +102,12 @@ class MemoryBackend(Composed):
         with self._cond:
             self._cond.wait(timeout)
 
-    def raise_token(self, name: str, above: int) -> int:
+    def evict(self, name: str, token_above: int = 0) -> int:
         with self._cond:
             slot = self._slots.setdefault(name, _Slot())
-            slot.token = max(slot.token, above)
+            slot.token = max(slot.token, token_above)
+            slot.owner = None
+            self._cond.notify_all()
             return slot.token
 
     def claim(self, run: Run, lease: Lease, *, seen: int = 0, start: bool = True) -> Claim:

@@ -314,12 +314,13 @@ class SqliteBackend:
                 return
             self._clock.sleep(min(_POLL, left))
 
-    def raise_token(self, name: str, above: int) -> int:
+    def evict(self, name: str, token_above: int = 0) -> int:
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO singleton_locks (name, token) VALUES (:name, :above)"
-                " ON CONFLICT (name) DO UPDATE SET token = MAX(token, :above)",
-                {"name": name, "above": above},
+                " ON CONFLICT (name) DO UPDATE"
+                " SET token = MAX(token, :above), owner = NULL, expires = NULL",
+                {"name": name, "above": token_above},
             )
             row = conn.execute(
                 "SELECT token FROM singleton_locks WHERE name = ?", (name,)

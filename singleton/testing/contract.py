@@ -179,15 +179,24 @@ class BackendContract:
         self.wait_out(first)
         assert self.acquire(other, name).token > first.token
 
-    def test_raise_token_moves_the_counter_up(self, backend: Backend, name: str) -> None:
+    def test_evict_moves_the_counter_up(self, backend: Backend, name: str) -> None:
         backend.release(self.acquire(backend, name))
-        backend.raise_token(name, 1000)
+        backend.evict(name, 1000)
         assert self.acquire(backend, name).token > 1000
 
-    def test_raise_token_never_moves_the_counter_down(self, backend: Backend, name: str) -> None:
-        backend.raise_token(name, 1000)
-        backend.raise_token(name, 5)
+    def test_evict_never_moves_the_counter_down(self, backend: Backend, name: str) -> None:
+        backend.evict(name, 1000)
+        backend.evict(name, 5)
         assert self.acquire(backend, name).token > 1000
+
+    def test_evict_frees_the_lock_and_fences_its_holder(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        held = self.acquire(backend, name)
+        other.evict(name)
+        with pytest.raises(LeaseLost):
+            backend.renew(held)
+        assert self.acquire(other, name).token > held.token
 
     def test_wait_returns_soon_after_release(
         self, backend: Backend, other: Backend, name: str
