@@ -1,10 +1,11 @@
 """singleton: run each firing of a scheduled job once across every replica of a service.
 
-The public API: the :func:`job` decorator, the :class:`JobContext` a job receives, and the
-errors. See ``docs/architecture.md`` for how a firing flows through the modules.
+The public API: the :func:`job` decorator and the :class:`JobContext` a job receives; the
+coordination API :func:`lock` and :func:`leader` for the user's own code; the errors. See
+``docs/architecture.md`` for how a firing flows through the modules.
 
-``job`` is imported on first use: a job command that only needs ``singleton.fencing`` should
-not pay for pydantic and the config machinery at every start.
+``job``, ``lock`` and ``leader`` are imported on first use: a job command that only needs
+``singleton.fencing`` should not pay for pydantic and the config machinery at every start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from singleton.errors import (
     BackendUnavailable,
     ConfigError,
     LeaseLost,
+    LockBusy,
     SingletonError,
     StaleToken,
     TokenRegression,
@@ -25,6 +27,8 @@ from singleton.errors import (
 
 if TYPE_CHECKING:
     from singleton.jobs import job
+    from singleton.leadership import leader
+    from singleton.locking import lock
 
 __all__ = [
     "AlreadyApplied",
@@ -33,16 +37,21 @@ __all__ = [
     "ConfigError",
     "JobContext",
     "LeaseLost",
+    "LockBusy",
     "SingletonError",
     "StaleToken",
     "TokenRegression",
     "job",
+    "leader",
+    "lock",
 ]
+
+_LAZY = {"job": "singleton.jobs", "lock": "singleton.locking", "leader": "singleton.leadership"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "job":
-        from singleton.jobs import job
+    if name in _LAZY:
+        import importlib
 
-        return job
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'singleton' has no attribute {name!r}")

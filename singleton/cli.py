@@ -19,10 +19,12 @@ import click
 
 from singleton import app as app_module
 from singleton.backends.base import Attempt
-from singleton.clock import iso_z, parse_iso
+from singleton.clock import SYSTEM_CLOCK, iso_z, parse_iso
 from singleton.errors import BackendUnavailable, ConfigError, SingletonError
+from singleton.jobs import check_name
 from singleton.logs import configure
 from singleton.schedule import fire_times
+from singleton.status import attempt_json, snapshot
 from singleton.urls import redact
 
 EXIT_JOB_FAILED = 1
@@ -166,27 +168,6 @@ def jobs(config: Path, count: int, start: str | None, as_json: bool) -> None:
     click.echo(_table(["job", "schedule", "mode", "next"], rows))
 
 
-def attempt_json(row: Attempt) -> dict[str, Any]:
-    """One attempt in the ``history --json`` shape (DESIGN, "Contracts")."""
-
-    def when(moment: datetime | None, millis: bool = True) -> str | None:
-        return iso_z(moment, millis=millis) if moment else None
-
-    return {
-        "run_id": row.run_id,
-        "job": row.job,
-        "attempt": row.attempt,
-        "state": row.state,
-        "reason": row.reason,
-        "token": row.token,
-        "replica": row.replica,
-        "scheduled_at": when(row.scheduled_at, millis=False),
-        "started_at": when(row.started_at),
-        "finished_at": when(row.finished_at),
-        "error": row.error,
-    }
-
-
 def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
@@ -229,6 +210,107 @@ def history(config: Path, job: str | None, limit: int, as_json: bool) -> None:
         for row in rows
     ]
     click.echo(_table(["run id", "#", "state", "token", "replica", "took", "error"], table))
+
+
+@main.command()
+@CONFIG
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config: Path, as_json: bool) -> None:
+    """Show each job's lock holder, token and lease left, and its last attempt."""
+    with _errors():
+        loaded = _load(config)
+        backend = loaded.open_backend()
+        try:
+            jobs_now = snapshot(backend, list(loaded.jobs.values()))
+        finally:
+            backend.close()
+    if as_json:
+        click.echo(json.dumps({"backend": redact(loaded.backend_url), "jobs": jobs_now}, indent=2))
+        return
+    rows = []
+    for job in jobs_now:
+        lock, last = job["lock"] or {}, job["last_attempt"] or {}
+        rows.append(
+            [
+                job["name"],
+                job["mode"],
+                _cell(lock.get("replica")),
+                _cell(lock.get("token")),
+                f"{lock['lease_left']:.1f}s" if lock.get("lease_left") is not None else "-",
+                _cell(last.get("run_id")),
+                _cell(last.get("state")),
+            ]
+        )
+    headers = ["job", "mode", "holder", "token", "lease left", "last run", "state"]
+    click.echo(_table(headers, rows))
+
+
+@main.command()
+@CONFIG
+@click.argument("job")
+def trigger(config: Path, job: str) -> None:
+    """Run JOB once now in this process, under its lock, with a manual run ID.
+
+    Exits 0 if the run succeeded, 1 if it failed or could not run.
+    """
+    import signal
+    import threading
+
+    from singleton.events import Events, log_event
+    from singleton.firing import Firer
+
+    with _errors():
+        loaded = _load(config)
+        if job not in loaded.jobs:
+            raise ConfigError(f"unknown job {job!r}; known: {', '.join(sorted(loaded.jobs))}")
+        backend = loaded.open_backend()
+    events = Events(loaded.replica_id)
+    events.add(log_event)
+    firer = Firer(backend, loaded.replica_id, SYSTEM_CLOCK, events, threading.Event())
+    signal.signal(signal.SIGTERM, lambda signum, frame: firer.interrupt_all())
+    try:
+        with _errors():
+            outcome = firer.trigger(loaded.jobs[job])
+    finally:
+        backend.close()
+    if outcome is None:
+        _fail(f"{job} did not run: its lock stayed busy or the run was refused (see the log)", 1)
+    elif outcome.state != "succeeded":
+        _fail(f"{job} {outcome.state}: {outcome.error}", EXIT_JOB_FAILED)
+    click.echo(f"{job} succeeded")
+
+
+@main.command()
+@CONFIG
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Required: the holder may still be running.")
+@click.option(
+    "--token-above",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Move the token counter past N (a token a resource has seen).",
+)
+def unlock(config: Path, name: str, force: bool, token_above: int) -> None:
+    """Break-glass: remove NAME's lease and fence its holder.
+
+    The holder's next renewal fails and every later token is above its own, so its late
+    writes are refused by a fenced resource.
+    """
+    if not force:
+        raise click.UsageError(
+            "unlock takes the lock from a holder that may still run; add --force"
+        )
+    with _errors():
+        check_name(name, "lock")
+        loaded = _load(config, with_jobs=False)
+        backend = loaded.open_backend()
+        try:
+            holder = backend.holder(name)
+            counter = backend.evict(name, token_above)
+        finally:
+            backend.close()
+    evicted = f"evicted {holder.owner} (token {holder.token})" if holder else "it was free"
+    click.echo(f"unlocked {name}: {evicted}; the next token will be above {counter}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ class BackendUnavailable(BackendError):
     """The coordinator could not be reached; the only kind of error worth retrying (exit 69)."""
 
 
+class LockBusy(SingletonError):
+    """``singleton.lock`` waited as long as it was allowed and the lock stayed taken."""
+
+
 class LeaseLost(SingletonError):
     """The lease ended before its holder let go: expired, stolen, or its renewal failed."""
 

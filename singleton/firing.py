@@ -47,7 +47,7 @@ from singleton.errors import BackendError, LeaseLost
 from singleton.events import Events
 from singleton.jobs import Job
 from singleton.lease import LeaseKeeper
-from singleton.schedule import run_id
+from singleton.schedule import manual_run_id, run_id
 
 #: States of a previous attempt after which the firing is done.
 DONE = frozenset({SUCCEEDED, SKIPPED})
@@ -95,6 +95,10 @@ class Owned:
     cancel: Cancel
     acquired_at: float
     attempt: int = 0
+    #: How the last attempt this replica ran ended (None: it ran none).
+    outcome: Outcome | None = None
+    #: Set after a token regression: the attempt voided (0 if none), to acquire again.
+    voided: int | None = None
 
 
 class Firer:
@@ -153,24 +157,36 @@ class Firer:
 
     # -- the firing -----------------------------------------------------------------------------
 
-    def fire(self, job: Job, scheduled_at: datetime) -> None:
+    def fire(self, job: Job, scheduled_at: datetime) -> Outcome | None:
+        """Run the firing of ``job`` at ``scheduled_at`` if this replica wins it; how the
+        last attempt run here ended, or None when none ran here."""
         run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
         late = (self.clock.now() - scheduled_at).total_seconds()
         if late > job.misfire_grace:
             self._skip(run, "misfired", late=round(late, 3))
-            return
+            return None
         give_up = self.clock.monotonic() + job.misfire_grace - max(0.0, late)
         if job.jitter and self.clock.wait(self.stopping, random.uniform(0, job.jitter)):
-            return
+            return None
+        return self._run(job, run, give_up)
+
+    def trigger(self, job: Job) -> Outcome | None:
+        """A manual run now, under the job's lock, with a ``manual`` run ID of its own."""
+        now = self.clock.now()
+        run = Run(job.name, manual_run_id(job.name), now)
+        return self._run(job, run, self.clock.monotonic() + job.misfire_grace)
+
+    def _run(self, job: Job, run: Run, give_up: float) -> Outcome | None:
         voided = 0
         for _ in range(3):  # a token regression is repaired and retried, a bounded number of times
             got = self._acquire(job, run, give_up)
             if got is None:
-                return
-            again = self._own(job, run, *got, voided=voided)
-            if again is None:
-                return
-            voided = again
+                return None
+            owned = self._own(job, run, *got, voided=voided)
+            if owned.voided is None:
+                return owned.outcome
+            voided = owned.voided
+        return None
 
     def _skip(self, run: Run, reason: str, **fields: Any) -> None:
         written = self.backend.skip(run, reason, self.replica)
@@ -207,10 +223,10 @@ class Firer:
             self.backend.wait(job.name, pause)
         return None
 
-    def _own(self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int) -> int | None:
-        """Hold the lease from acquisition to release. After a token regression it returns
-        the attempt it voided (0 if none) and asks the caller to acquire again; that attempt
-        is then rerun whatever ``on_orphan`` says, since it never ran."""
+    def _own(self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int) -> Owned:
+        """Hold the lease from acquisition to release. After a token regression the result's
+        ``voided`` asks the caller to acquire again; the voided attempt is then rerun
+        whatever ``on_orphan`` says, since it never ran."""
         self.events.emit("acquired", job.name, run.run_id, lease.token)
         cancel = Cancel()
         keeper = LeaseKeeper(
@@ -225,15 +241,15 @@ class Firer:
         owned = Owned(run, keeper, cancel, acquired_at=self.clock.monotonic())
         with self._owning(owned):
             if not self._tokens_ok(job, run, keeper, claim):
-                return claim.attempt.attempt if claim.attempt else 0
-            outcome = None
+                owned.voided = claim.attempt.attempt if claim.attempt else 0
+                return owned
             try:
-                outcome = self._work(job, run, owned, claim, voided)
+                owned.outcome = self._work(job, run, owned, claim, voided)
             except LeaseLost as exc:
                 self.events.emit("lost", run.job, run.run_id, lease.token, reason=str(exc))
             finally:
-                self._let_go(job, owned, outcome)
-        return None
+                self._let_go(job, owned, owned.outcome)
+        return owned
 
     @contextmanager
     def _owning(self, owned: Owned) -> Iterator[None]:

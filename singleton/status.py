@@ -1,0 +1,58 @@
+"""What an operator asks at 2 a.m.: who holds each lock, with which token, for how long,
+and how each job's last attempt ended. One shape for ``singleton status --json`` and for
+the sidecar's ``/status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from singleton.backends.base import Attempt, Backend, owner_replica
+from singleton.clock import iso_z
+from singleton.jobs import Job
+
+
+def attempt_json(row: Attempt) -> dict[str, Any]:
+    """One attempt in the ``history --json`` shape (DESIGN, "Contracts")."""
+    return {
+        "run_id": row.run_id,
+        "job": row.job,
+        "attempt": row.attempt,
+        "state": row.state,
+        "reason": row.reason,
+        "token": row.token,
+        "replica": row.replica,
+        "scheduled_at": iso_z(row.scheduled_at),
+        "started_at": iso_z(row.started_at, millis=True) if row.started_at else None,
+        "finished_at": iso_z(row.finished_at, millis=True) if row.finished_at else None,
+        "error": row.error,
+    }
+
+
+def lock_json(backend: Backend, name: str) -> dict[str, Any] | None:
+    """The holder of ``name`` now, or None when it is free."""
+    holder = backend.holder(name)
+    if holder is None:
+        return None
+    return {
+        "holder": holder.owner,
+        "replica": owner_replica(holder.owner),
+        "token": holder.token,
+        "lease_left": None if holder.expires_in is None else round(holder.expires_in, 3),
+    }
+
+
+def snapshot(backend: Backend, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Per job: schedule, mode, the lock's holder and the last attempt."""
+    result = []
+    for job in jobs:
+        last = backend.history(job.name, 1)
+        result.append(
+            {
+                "name": job.name,
+                "schedule": job.schedule.describe(),
+                "mode": job.mode,
+                "lock": lock_json(backend, job.name),
+                "last_attempt": attempt_json(last[0]) if last else None,
+            }
+        )
+    return result
