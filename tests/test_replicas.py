@@ -1,7 +1,10 @@
-"""Three real ``singleton run`` processes on one SQLite file, under real faults.
+"""Three real ``singleton run`` processes on one backend, under real faults.
 
 Each job run writes ``run_id token replica`` through the SQLite fencing guard into a sink
 that logs every write, applied or refused. Faults are driven from the ledger's state.
+
+The scenarios run on SQLite here; a backend's own module re-runs them by importing the test
+functions and overriding the ``backend_url`` fixture.
 """
 
 from __future__ import annotations
@@ -48,16 +51,16 @@ def soon() -> str:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
+def backend_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'state.db'}"
 
 
 def test_every_firing_runs_exactly_once_across_three_replicas(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, backend_url: str
 ) -> None:
     sink = tmp_path / "sink.db"
     job = {"every": "1s", "command": sink_command(sink), "lock_ttl": "5s"}
-    with fleet(tmp_path, sqlite_url, {"tick": job}) as group:
+    with fleet(tmp_path, backend_url, {"tick": job}) as group:
         group.start_many(3)
         wait_for("30 firings", lambda: len(applied_by_run(sink)) >= 30, timeout=60, every=0.5)
         history = group.history("tick")
@@ -77,7 +80,7 @@ def test_every_firing_runs_exactly_once_across_three_replicas(
 
 
 def test_sigkill_of_the_owner_mid_run_is_taken_over_within_the_ttl(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, backend_url: str
 ) -> None:
     sink = tmp_path / "sink.db"
     job = {
@@ -86,7 +89,7 @@ def test_sigkill_of_the_owner_mid_run_is_taken_over_within_the_ttl(
         "command": sink_command(sink, sleep=2.0),
         "lock_ttl": "2s",
     }
-    with fleet(tmp_path, sqlite_url, {"slow": job}) as group:
+    with fleet(tmp_path, backend_url, {"slow": job}) as group:
         group.start_many(3)
         first = wait_for("a running attempt", lambda: group.running("slow"), timeout=40)
         owner = group.owner_of(first)
@@ -108,11 +111,11 @@ def test_sigkill_of_the_owner_mid_run_is_taken_over_within_the_ttl(
     assert applied_by_run(sink)[first.run_id] == [rows[0].token]
 
 
-def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, sqlite_url: str) -> None:
+def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, backend_url: str) -> None:
     sink = tmp_path / "sink.db"
     command = sink_command(sink, sleep=1.0, ignore_term=True)
     job = {"every": "30s", "anchor": soon(), "command": command, "lock_ttl": "2s"}
-    with fleet(tmp_path, sqlite_url, {"paused": job}, kill_grace="1s") as group:
+    with fleet(tmp_path, backend_url, {"paused": job}, kill_grace="1s") as group:
         group.start_many(3)
         first = wait_for("a running attempt", lambda: group.running("paused"), timeout=40)
         started = Path(f"{sink}.started-{first.token}")
@@ -140,7 +143,7 @@ def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, sqlite_url:
 
 
 def test_sigterm_of_the_owner_hands_over_well_under_the_ttl(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, backend_url: str
 ) -> None:
     sink = tmp_path / "sink.db"
     job = {
@@ -149,7 +152,7 @@ def test_sigterm_of_the_owner_hands_over_well_under_the_ttl(
         "command": sink_command(sink, sleep=3.0),
         "lock_ttl": "10s",
     }
-    with fleet(tmp_path, sqlite_url, {"handover": job}, shutdown_grace="200ms") as group:
+    with fleet(tmp_path, backend_url, {"handover": job}, shutdown_grace="200ms") as group:
         group.start_many(3)
         first = wait_for("a running attempt", lambda: group.running("handover"), timeout=40)
         owner = group.owner_of(first)
@@ -167,7 +170,7 @@ def test_sigterm_of_the_owner_hands_over_well_under_the_ttl(
     assert second.started_at.timestamp() - stopped_at < 10 / 4
 
 
-def test_a_replica_one_second_ahead_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
+def test_a_replica_one_second_ahead_changes_nothing(tmp_path: Path, backend_url: str) -> None:
     assert FAKETIME.exists(), "faketime is missing: run scripts/install-servers"
     sink = tmp_path / "sink.db"
     job = {"every": "1s", "command": sink_command(sink), "lock_ttl": "5s"}
@@ -177,7 +180,7 @@ def test_a_replica_one_second_ahead_changes_nothing(tmp_path: Path, sqlite_url: 
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         "FAKETIME_DONT_RESET": "1",
     }
-    with fleet(tmp_path, sqlite_url, {"tick": job}) as group:
+    with fleet(tmp_path, backend_url, {"tick": job}) as group:
         group.start("r1")
         group.start("r2")
         group.start("fast", skewed)
@@ -192,10 +195,10 @@ def test_a_replica_one_second_ahead_changes_nothing(tmp_path: Path, sqlite_url: 
     )
 
 
-def test_a_second_signal_exits_at_once(tmp_path: Path, sqlite_url: str) -> None:
+def test_a_second_signal_exits_at_once(tmp_path: Path, backend_url: str) -> None:
     sink = tmp_path / "sink.db"
     job = {"every": "30s", "anchor": soon(), "command": sink_command(sink, sleep=30.0)}
-    with fleet(tmp_path, sqlite_url, {"long": job}, shutdown_grace="60s") as group:
+    with fleet(tmp_path, backend_url, {"long": job}, shutdown_grace="60s") as group:
         replica = group.start("r1")
         wait_for("a running attempt", lambda: group.running("long"), timeout=40)
         replica.process.send_signal(signal.SIGTERM)
