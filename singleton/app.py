@@ -6,6 +6,7 @@ jobs, and whether the backend can give what each job's mode needs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,25 @@ class App:
             backend.close()
             raise
         return backend
+
+    def clock_skew(self, backend: Backend) -> float | None:
+        """Seconds between this host's wall clock and the coordinator's (None: it has no
+        clock). Fire times come from local clocks, so a large skew shifts every firing."""
+        before = time.time()
+        server = backend.server_time()
+        if server is None:
+            return None
+        local = (before + time.time()) / 2
+        return server.timestamp() - local
+
+    def check_skew(self, backend: Backend) -> None:
+        """``check`` refuses a skew beyond ``max_skew``; ``run`` logs it (see the runner)."""
+        skew = self.clock_skew(backend)
+        if skew is not None and abs(skew) > self.settings.max_skew:
+            raise ConfigError(
+                f"clock skew {skew:+.1f}s to the coordinator exceeds max_skew"
+                f" {self.settings.max_skew:g}s: fix this host's time sync"
+            )
 
     def check_capabilities(self, backend: Backend) -> None:
         """A job whose mode the backend cannot serve is refused at start, not at 2 a.m."""

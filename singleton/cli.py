@@ -129,7 +129,10 @@ def check(config: Path) -> None:
     with _errors():
         loaded = _load(config)
         backend = loaded.open_backend()
-        backend.close()
+        try:
+            loaded.check_skew(backend)
+        finally:
+            backend.close()
     click.echo(f"ok: {len(loaded.jobs)} jobs, backend {redact(loaded.backend_url)}")
 
 

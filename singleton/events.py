@@ -17,7 +17,7 @@ log = logging.getLogger("singleton.events")
 WARNINGS = frozenset(
     {"renewal_failed", "lost", "failed", "timed_out", "lost_lease", "finish_refused"}
 )
-ERRORS = frozenset({"token_regression", "backend_error"})
+ERRORS = frozenset({"token_regression", "backend_error", "clock_skew"})
 
 
 @dataclass(frozen=True)

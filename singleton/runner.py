@@ -30,6 +30,8 @@ log = logging.getLogger("singleton.runner")
 
 #: How often the ledger's retention is enforced (any replica may do it; it is idempotent).
 PRUNE_EVERY = 3600.0
+#: How often the clock skew to the coordinator is measured.
+SKEW_EVERY = 60.0
 
 
 class Runner:
@@ -93,17 +95,39 @@ class Runner:
                 "recording an overlap failed", extra={"fields": {"job": run.job, "error": str(exc)}}
             )
 
+    def _housekeeping(self) -> None:
+        """Enforce the ledger's retention every hour and watch the clock skew to the
+        coordinator every minute; neither may ever stop the scheduler."""
+        next_prune = self.clock.monotonic()
+        while not self.stopping.is_set():
+            if self.clock.monotonic() >= next_prune:
+                self._prune()
+                next_prune = self.clock.monotonic() + PRUNE_EVERY
+            self._check_skew()
+            self.clock.wait(self.stopping, SKEW_EVERY)
+
     def _prune(self) -> None:
         retention = self.app.settings.backend
-        while not self.stopping.is_set():
-            try:
-                before = self.clock.now() - timedelta(seconds=retention.ledger_retention)
-                gone = self.backend.prune(before, retention.ledger_keep)
-                if gone:
-                    log.info("pruned the ledger", extra={"fields": {"rows": gone}})
-            except Exception as exc:
-                log.warning("pruning the ledger failed", extra={"fields": {"error": str(exc)}})
-            self.clock.wait(self.stopping, PRUNE_EVERY)
+        try:
+            before = self.clock.now() - timedelta(seconds=retention.ledger_retention)
+            gone = self.backend.prune(before, retention.ledger_keep)
+            if gone:
+                log.info("pruned the ledger", extra={"fields": {"rows": gone}})
+        except Exception as exc:
+            log.warning("pruning the ledger failed", extra={"fields": {"error": str(exc)}})
+
+    def _check_skew(self) -> None:
+        try:
+            skew = self.app.clock_skew(self.backend)
+        except Exception as exc:
+            log.warning(
+                "reading the coordinator's clock failed", extra={"fields": {"error": str(exc)}}
+            )
+            return
+        if skew is not None and abs(skew) > self.app.settings.max_skew:
+            self.events.emit(
+                "clock_skew", "-", skew=round(skew, 3), max_skew=self.app.settings.max_skew
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,7 +150,7 @@ class Runner:
             target=self.scheduler.run, args=(self.stopping,), name="scheduler", daemon=True
         )
         scheduler.start()
-        threading.Thread(target=self._prune, name="prune", daemon=True).start()
+        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         while not self.stopping.is_set():
             self.stopping.wait(1.0)
         scheduler.join()

@@ -206,8 +206,8 @@ BAD_CONFIGS = [
         id="every-zero",
     ),
     pytest.param(
-        "backend:\n  url: redis://h:6379\njobs: {}\n",
-        "backend.url 'redis://h:6379': unknown scheme redis://; known: ",
+        "backend:\n  url: http://h:6379\njobs: {}\n",
+        "backend.url 'http://h:6379': unknown scheme http://; known: ",
         id="unknown-backend-scheme",
     ),
     pytest.param(
@@ -403,12 +403,12 @@ def test_oversized_config_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_scheme_error_does_not_show_the_password(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "backend:\n  url: redis://app:hunter2@cache:6379/0\njobs: {}\n")
+    path = write_config(tmp_path, "backend:\n  url: amqp://app:hunter2@cache:6379/0\njobs: {}\n")
     result = invoke("check", path)
     assert result.exit_code == EXIT_CONFIG
     line = one_error_line(result.stderr)
     assert "hunter2" not in result.output
-    assert "'redis://app:***@cache:6379/0': unknown scheme redis://" in line
+    assert "'amqp://app:***@cache:6379/0': unknown scheme amqp://" in line
 
 
 # --------------------------------------------------------------------------- capabilities

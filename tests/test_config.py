@@ -594,12 +594,12 @@ def test_ownership_job_on_a_fencing_backend_opens(tmp_path: Path) -> None:
 
 
 def test_unknown_scheme_error_redacts_the_password(tmp_path: Path) -> None:
-    app = load(config_with_mode(tmp_path, "singleton", url="redis://u:hunter2@h:6379/0"))
+    app = load(config_with_mode(tmp_path, "singleton", url="amqp://u:hunter2@h:6379/0"))
     with pytest.raises(ConfigError) as caught:
         app.open_backend()
     message = str(caught.value)
     assert "hunter2" not in message
-    assert "'redis://u:***@h:6379/0': unknown scheme redis://" in message
+    assert "'amqp://u:***@h:6379/0': unknown scheme amqp://" in message
     assert "known: " in message and "memory://" in message and "sqlite://" in message
 
 

@@ -23,6 +23,14 @@ Factory = Callable[..., Backend]
 _BUILTIN: dict[str, tuple[str, str, str | None]] = {
     "memory": ("singleton.backends.memory", "MemoryBackend", None),
     "sqlite": ("singleton.backends.sqlite", "SqliteBackend", None),
+    "redis": ("singleton.backends.redis", "RedisBackend", "redis"),
+    "rediss": ("singleton.backends.redis", "RedisBackend", "redis"),
+    "unix": ("singleton.backends.redis", "RedisBackend", "redis"),
+    "redlock": ("singleton.backends.redlock", "RedlockBackend", "redis"),
+    "zookeeper": ("singleton.backends.zookeeper", "ZookeeperBackend", "zookeeper"),
+    "etcd": ("singleton.backends.etcd", "EtcdBackend", "etcd"),
+    "postgresql": ("singleton.backends.postgres", "PostgresBackend", "postgres"),
+    "postgres": ("singleton.backends.postgres", "PostgresBackend", "postgres"),
 }
 _REGISTERED: dict[str, Factory] = {}
 
@@ -47,6 +55,8 @@ def _factory(url: str) -> Factory:
         try:
             return cast(Factory, getattr(importlib.import_module(module), name))
         except ImportError as exc:
+            if (exc.name or "").startswith("singleton"):
+                raise ConfigError(f"backend {kind}:// is not available in this version") from exc
             hint = f": pip install 'singleton-runner[{extra}]'" if extra else ""
             raise ConfigError(f"backend {kind}:// needs {exc.name}{hint}") from exc
     for ep in entry_points(group="singleton.backends", name=kind):

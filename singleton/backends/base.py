@@ -252,13 +252,22 @@ class Backend(LockBackend, Ledger, Protocol):
         """finish() then release(); the release happens even when finish is refused."""
         ...
 
+    def server_time(self) -> datetime | None:
+        """The coordinator's wall clock (Redis ``TIME``, PostgreSQL ``now()``), for the
+        clock-skew check: fire times come from local clocks. None where it has none."""
+        ...
+
     def close(self) -> None:
         """Drop connections; leases held stay until they expire or are released."""
         ...
 
 
 class Composed:
-    """The fused fast paths as two calls, for backends that cannot fuse them."""
+    """The fused fast paths as two calls, for backends that cannot fuse them; and no
+    server clock, for backends that have none."""
+
+    def server_time(self) -> datetime | None:
+        return None
 
     def acquire_and_claim(
         self: Backend, run: Run, ttl: float, owner: str

@@ -459,6 +459,10 @@ class SqliteBackend:
                 {"running": RUNNING, "before": iso_z(before), "keep": keep},
             ).rowcount
 
+    def server_time(self) -> datetime | None:
+        """None: the database is on this host, and so is its clock."""
+        return None
+
     def close(self) -> None:
         with self._mutex:
             self._conn.close()
