@@ -1,0 +1,134 @@
+"""Real ``redis-server`` processes for tests: a free port, a temp dir, stopped by pid.
+
+``RedisServer`` can restart on the same dir and port (with AOF the data comes back; without,
+it does not), be paused with SIGSTOP, and answer admin commands through its own client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.servers import binary, free_port, stop, wait_until
+
+
+class RedisServer:
+    """One ``redis-server``: ``aof=True`` runs it with ``appendonly yes appendfsync always``
+    (the setup for ``fencing``), ``aof=False`` with no persistence at all."""
+
+    def __init__(self, workdir: Path, aof: bool = True, unix_socket: bool = False) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.aof = aof
+        self.port = free_port()
+        self.socket = self.dir / "redis.sock" if unix_socket else None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._admin: redis.Redis | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        assert self.socket is not None, "started without a unix socket"
+        return f"unix://{self.socket}?db=0"
+
+    def command_line(self) -> list[str]:
+        line = [
+            binary("redis-server", "/usr/bin/redis-server"),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes" if self.aof else "no",
+            "--appendfsync", "always" if self.aof else "everysec",
+            "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        if self.socket is not None:
+            line += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        return line
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_until(f"redis-server on port {self.port}", self._answers, timeout=30)
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            log = (self.dir / "redis.log").read_text() if (self.dir / "redis.log").exists() else ""
+            raise AssertionError(f"redis-server exited {self.process.returncode}: {log[-2000:]}")
+        try:
+            return bool(self.admin.ping())
+        except redis.RedisError:
+            return False
+
+    @property
+    def admin(self) -> redis.Redis:
+        """A plain client for the test's own commands (not the backend under test)."""
+        if self._admin is None:
+            self._admin = redis.Redis(
+                host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5
+            )
+        return self._admin
+
+    def call(self, *args: Any) -> Any:
+        return self.admin.execute_command(*args)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop by pid. SIGTERM lets Redis finish its AOF; SIGKILL does not."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        if self.process is not None:
+            stop(self.process, sig)
+            self.process = None
+
+    def restart(self, sig: int = signal.SIGKILL) -> RedisServer:
+        """Kill and start again on the same dir and port."""
+        self.stop(sig)
+        return self.start()
+
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command so far (``INFO commandstats``), e.g. ``{"evalsha": 3}``."""
+        stats = self.admin.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+@contextmanager
+def redis_server(
+    workdir: Path, aof: bool = True, unix_socket: bool = False
+) -> Iterator[RedisServer]:
+    server = RedisServer(workdir, aof=aof, unix_socket=unix_socket).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def commands_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The calls per command between two :meth:`RedisServer.commandstats` readings."""
+    return {
+        name: after[name] - before.get(name, 0)
+        for name in after
+        if after[name] != before.get(name, 0)
+    }
