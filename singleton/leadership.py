@@ -86,13 +86,15 @@ class Election:
         while not self._resigned.is_set():
             try:
                 lease = self._backend.try_acquire(self._name, self._ttl, owner)
+                if lease is None:
+                    self._backend.wait(self._name, POLL)
+                    continue
             except Exception as exc:
+                # A coordinator blip must not end the campaign: try again after a pause.
                 log.warning(
                     "campaign failed", extra={"fields": {"lock": self._name, "error": str(exc)}}
                 )
-                lease = None
-            if lease is None:
-                self._backend.wait(self._name, POLL)
+                self._resigned.wait(POLL)
                 continue
             self._serve(LeaseKeeper(self._backend, lease, SYSTEM_CLOCK, on_lost=self._lost))
             owner = new_owner(default_replica_id())
@@ -139,7 +141,9 @@ def leader(
 ) -> Iterator[Election]:
     """Campaign for ``name`` while the ``with`` block runs; resign when it ends."""
     check_name(name, "lock")
-    election = Election(shared_backend(url), name, seconds(ttl, "ttl"), on_gain, on_loss).start()
+    election = Election(
+        shared_backend(url), name, seconds(ttl, "ttl", positive=True), on_gain, on_loss
+    ).start()
     try:
         yield election
     finally:

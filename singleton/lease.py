@@ -68,9 +68,15 @@ class LeaseKeeper:
 
     def stop(self) -> Lease:
         """Stop renewing (the caller releases); returns the latest lease."""
+        if self._stop.is_set():
+            return self._lease
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
+        # A pause can end with stop() racing the keeper's own deadline check: whoever runs
+        # first, a lease past its deadline is reported lost.
+        if self._clock.monotonic() >= self._lease.deadline:
+            self._lose("deadline passed")
         return self._lease
 
     def _lose(self, reason: str) -> None:

@@ -51,11 +51,13 @@ def _close_shared() -> None:
         _shared.clear()
 
 
-def seconds(value: float | timedelta | str, what: str) -> float:
+def seconds(value: float | timedelta | str, what: str, *, positive: bool = False) -> float:
     """A duration from seconds, a ``timedelta`` or text such as ``"30s"``."""
     result = parse_duration(value)
-    if result < 0:
-        raise ConfigError(f"{what} must not be negative, got {value!r}")
+    if result < 0 or (positive and result == 0):
+        raise ConfigError(
+            f"{what} must be {'more than' if positive else 'at least'} 0s, got {value!r}"
+        )
     return result
 
 
@@ -134,7 +136,7 @@ def lock(
     """
     check_name(name, "lock")
     backend = shared_backend(url)
-    lease = acquire(backend, name, seconds(ttl, "ttl"), seconds(wait, "wait"))
+    lease = acquire(backend, name, seconds(ttl, "ttl", positive=True), seconds(wait, "wait"))
     held: Held
     keeper = LeaseKeeper(backend, lease, SYSTEM_CLOCK, on_lost=lambda why: held._lose(why))
     held = Held(keeper)

@@ -199,3 +199,14 @@ def test_the_deadline_is_before_the_ttl_from_when_the_acquire_was_sent(ttl: floa
     deadline = lease_deadline(sent, ttl)
     assert sent < deadline < sent + ttl
     assert deadline == pytest.approx(sent + ttl - (ttl * 0.01 + 0.002))
+
+
+def test_stopping_a_keeper_past_its_deadline_reports_the_loss() -> None:
+    clock = StoppedClock()
+    backend = ScriptedBackend(clock=clock)
+    lease = backend.try_acquire("lock", 10.0, "me:1")
+    assert lease is not None
+    with keeping(backend, ttl=10.0, clock=clock, lease=lease) as (keeper, lost, _):
+        clock.mono += 30.0  # paused past the deadline, and stopped before the keeper looked
+        keeper.stop()
+    assert lost.args == ["deadline passed"]

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,28 @@ def test_a_missing_folder_is_a_config_error(tmp_path: Path) -> None:
 def test_a_url_with_a_host_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"want sqlite:///relative\.db"):
         SqliteBackend("sqlite://somehost/state.db")
+
+
+OPEN_AT_ONCE = """
+import sys, time
+from singleton.backends.sqlite import SqliteBackend
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+SqliteBackend(sys.argv[1]).close()
+"""
+
+
+def test_replicas_opening_a_new_file_at_once_all_succeed(url: str) -> None:
+    start = time.time() + 1.0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_ONCE, url, str(start)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    errors = [process.communicate(timeout=30)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0, 0], errors

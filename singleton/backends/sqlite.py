@@ -173,11 +173,27 @@ class SqliteBackend:
                 self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )
             self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._wal(busy_timeout)
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"sqlite database {self.path}: {exc}") from exc
+
+    def _wal(self, patience: float) -> None:
+        """Switch the file to WAL. Switching takes an exclusive lock and does not honour the
+        busy timeout, so replicas starting together on a new file retry for a while."""
+        deadline = self._clock.monotonic() + patience
+        while True:
+            try:
+                mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError:
+                if self._clock.monotonic() > deadline:
+                    raise
+                self._clock.sleep(0.01)
+                continue
+            if mode != "wal":
+                raise ConfigError(f"backend.url: {self.path} cannot use WAL mode ({mode})")
+            return
 
     def _check_path(self) -> None:
         folder = self.path.parent
