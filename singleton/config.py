@@ -90,6 +90,16 @@ BUILTIN_DEFAULTS = JobSettings.model_validate(
 )
 
 
+class HttpConfig(_Strict):
+    """``http:``: a request to the application per firing (sidecar mode)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[str, str] = {}
+    timeout: PositiveDuration = 30.0
+    body: str | None = None
+
+
 class JobConfig(JobSettings):
     """One job: a schedule, a target and its settings. A job defined by the ``@job``
     decorator may appear here without a target to override its settings."""
@@ -100,6 +110,7 @@ class JobConfig(JobSettings):
     anchor: datetime | None = None
     call: str | None = None
     command: list[str] | None = Field(default=None, min_length=1)
+    http: HttpConfig | None = None
 
 
 class BackendConfig(BaseModel):

@@ -13,6 +13,8 @@ from typing import Any
 
 log = logging.getLogger("singleton.events")
 
+#: Event kinds too frequent for the info log (a renewal every ttl/3 of every held lease).
+QUIET = frozenset({"renewed", "clock"})
 #: Event kinds that mean something went wrong, logged at warning or error.
 WARNINGS = frozenset(
     {"renewal_failed", "lost", "failed", "timed_out", "lost_lease", "finish_refused"}
@@ -63,13 +65,13 @@ class Events:
 
 def log_event(event: Event) -> None:
     """The structured log line of one state change."""
-    level = (
-        logging.ERROR
-        if event.kind in ERRORS
-        else logging.WARNING
-        if event.kind in WARNINGS
-        else logging.INFO
-    )
+    level = logging.INFO
+    if event.kind in ERRORS:
+        level = logging.ERROR
+    elif event.kind in WARNINGS:
+        level = logging.WARNING
+    elif event.kind in QUIET:
+        level = logging.DEBUG
     extra: dict[str, Any] = {"event": event.kind, "job": event.job, "replica": event.replica}
     if event.run_id is not None:
         extra["run_id"] = event.run_id

@@ -127,6 +127,19 @@ class Firer:
         with self._owned_lock:
             return job in self._owned
 
+    def held(self) -> dict[str, dict[str, object]]:
+        """The leases this replica holds now: per job, the run, token and lease left."""
+        with self._owned_lock:
+            owned = list(self._owned.values())
+        return {
+            item.run.job: {
+                "run_id": item.run.run_id,
+                "token": item.keeper.lease.token,
+                "lease_left": round(item.keeper.remaining(), 3),
+            }
+            for item in owned
+        }
+
     def interrupt_all(self) -> None:
         """Stop every running job (shutdown grace is over): their attempts end ``interrupted``."""
         with self._owned_lock:
@@ -196,19 +209,21 @@ class Firer:
         """Acquire and claim, standing by as the job's mode says; None when this replica
         has nothing more to do for this firing."""
         standing_by = False
+        started = self.clock.monotonic()
         while not self.stopping.is_set():
             got = self.backend.acquire_and_claim(run, job.lock_ttl, new_owner(self.replica))
+            waited = round(self.clock.monotonic() - started, 6)
             if got is not None:
+                self.events.emit("acquired", job.name, run.run_id, got[0].token, waited=waited)
                 return got
             if job.mode == "efficiency":
-                self.events.emit("skipped", run.job, run.run_id, reason="busy", recorded=False)
+                self.events.emit(
+                    "skipped", run.job, run.run_id, reason="busy", recorded=False, waited=waited
+                )
                 return None
             if not standing_by:
                 standing_by = True
-                holder = self.backend.holder(job.name)
-                self.events.emit(
-                    "standby", run.job, run.run_id, holder=holder.owner if holder else None
-                )
+                self.events.emit("standby", run.job, run.run_id)
             now = self.clock.monotonic()
             if now >= give_up:
                 latest = self.backend.attempts(run.run_id)
@@ -227,7 +242,6 @@ class Firer:
         """Hold the lease from acquisition to release. After a token regression the result's
         ``voided`` asks the caller to acquire again; the voided attempt is then rerun
         whatever ``on_orphan`` says, since it never ran."""
-        self.events.emit("acquired", job.name, run.run_id, lease.token)
         cancel = Cancel()
         keeper = LeaseKeeper(
             self.backend,
@@ -236,6 +250,9 @@ class Firer:
             on_lost=lambda reason: self._lost(run, lease.token, cancel, reason),
             on_renewal_failed=lambda error: self.events.emit(
                 "renewal_failed", run.job, run.run_id, lease.token, error=error
+            ),
+            on_renewed=lambda renewed: self.events.emit(
+                "renewed", run.job, run.run_id, renewed.token
             ),
         ).start()
         owned = Owned(run, keeper, cancel, acquired_at=self.clock.monotonic())
@@ -282,7 +299,8 @@ class Firer:
                 "backend_error", job.name, owned.run.run_id, lease.token, error=str(exc)
             )
             return
-        self.events.emit("released", job.name, owned.run.run_id, lease.token)
+        held = round(self.clock.monotonic() - owned.acquired_at, 6)
+        self.events.emit("released", job.name, owned.run.run_id, lease.token, held=held)
 
     def _lost(self, run: Run, token: int, cancel: Cancel, reason: str) -> None:
         self.events.emit("lost", run.job, run.run_id, token, reason=reason)

@@ -24,7 +24,7 @@ from singleton.targets import CallTarget, CommandTarget, Target, load_callable
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SCHEDULE_KEYS = ("cron", "every", "at")
-TARGET_KEYS = ("call", "command")
+TARGET_KEYS = ("call", "command", "http")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,10 +135,14 @@ def _target(
     if func is not None:
         if any(values.get(key) is not None for key in TARGET_KEYS):
             raise ConfigError(
-                f"jobs.{name}: is defined by @job in code and cannot also set call or command"
+                f"jobs.{name}: is defined by @job in code and cannot also set call, command or http"
             )
         return CallTarget(func, name)
     kind = _one_of(values, TARGET_KEYS, "target", name)
+    if kind == "http":
+        from singleton.http_target import from_config
+
+        return from_config(values["http"].model_dump())
     if kind == "call":
         try:
             return CallTarget(load_callable(values["call"]), name)

@@ -16,15 +16,20 @@ import time
 from datetime import datetime, timedelta
 from types import FrameType
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from singleton.app import App
 from singleton.backends.base import Backend, Run
 from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.events import Events, log_event
 from singleton.firing import Firer
 from singleton.jobs import Job
+from singleton.metrics import Metrics
 from singleton.schedule import run_id
 from singleton.scheduler import Scheduler
-from singleton.urls import redact
+from singleton.server import Endpoint, Route, json_route
+from singleton.status import replica_status
+from singleton.urls import redact, scheme
 
 log = logging.getLogger("singleton.runner")
 
@@ -44,12 +49,21 @@ class Runner:
         self.replica = app.replica_id
         self.events = Events(self.replica)
         self.events.add(log_event)
+        self.metrics = Metrics(scheme(backend.url))
+        self.events.add(self.metrics)
         self.stopping = threading.Event()
         self.firer = Firer(backend, self.replica, clock, self.events, self.stopping)
         self.scheduler = Scheduler(list(app.jobs.values()), clock, self.dispatch)
         self._in_flight: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._signals = 0
+        self._scheduling = threading.Event()
+        self._scheduler_thread = threading.Thread(
+            target=self.scheduler.run, args=(self.stopping,), name="scheduler", daemon=True
+        )
+        self.endpoint: Endpoint | None = None
+        if app.settings.server.listen:
+            self.endpoint = Endpoint(app.settings.server.listen, self._routes())
 
     # -- firing -----------------------------------------------------------------------------
 
@@ -124,7 +138,10 @@ class Runner:
                 "reading the coordinator's clock failed", extra={"fields": {"error": str(exc)}}
             )
             return
-        if skew is not None and abs(skew) > self.app.settings.max_skew:
+        if skew is None:
+            return
+        self.events.emit("clock", "-", skew=round(skew, 3))
+        if abs(skew) > self.app.settings.max_skew:
             self.events.emit(
                 "clock_skew", "-", skew=round(skew, 3), max_skew=self.app.settings.max_skew
             )
@@ -146,17 +163,48 @@ class Runner:
                 }
             },
         )
-        scheduler = threading.Thread(
-            target=self.scheduler.run, args=(self.stopping,), name="scheduler", daemon=True
-        )
+        scheduler = self._scheduler_thread
         scheduler.start()
+        self._scheduling.set()
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
-        while not self.stopping.is_set():
-            self.stopping.wait(1.0)
-        scheduler.join()
-        self._drain()
+        if self.endpoint is not None:
+            self.endpoint.start()
+        try:
+            while not self.stopping.is_set():
+                self.stopping.wait(1.0)
+            self._scheduling.clear()
+            scheduler.join()
+            self._drain()
+        finally:
+            if self.endpoint is not None:
+                self.endpoint.stop()
         log.info("stopped", extra={"fields": {"replica": self.replica}})
         return 0
+
+    # -- the endpoint -----------------------------------------------------------------------
+
+    def _routes(self) -> dict[str, Route]:
+        def text(ok: bool) -> tuple[int, str, bytes]:
+            return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"not ready\n")
+
+        return {
+            "/healthz": lambda: text(self._scheduler_thread.is_alive() or self.stopping.is_set()),
+            "/readyz": lambda: text(self._scheduling.is_set()),
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, self.metrics.text()),
+            "/status": json_route(
+                lambda: (
+                    200,
+                    replica_status(
+                        self.backend,
+                        self.app.backend_url,
+                        self.replica,
+                        list(self.app.jobs.values()),
+                        self.scheduler.next_fire_times(),
+                        self.firer.held(),
+                    ),
+                )
+            ),
+        }
 
     def stop(self) -> None:
         self.stopping.set()

@@ -4,11 +4,13 @@ the sidecar's ``/status``."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from singleton.backends.base import Attempt, Backend, owner_replica
 from singleton.clock import iso_z
 from singleton.jobs import Job
+from singleton.urls import redact
 
 
 def attempt_json(row: Attempt) -> dict[str, Any]:
@@ -56,3 +58,42 @@ def snapshot(backend: Backend, jobs: list[Job]) -> list[dict[str, Any]]:
             }
         )
     return result
+
+
+def replica_status(
+    backend: Backend,
+    url: str,
+    replica: str,
+    jobs: list[Job],
+    next_fire: dict[str, datetime],
+    held_here: dict[str, dict[str, object]],
+) -> dict[str, Any]:
+    """The sidecar's ``/status``: this replica's view, and the coordinator's when it answers.
+
+    A coordinator that cannot be reached is reported, not raised: this is the page an
+    operator opens when it cannot be reached.
+    """
+    try:
+        shared = {job["name"]: job for job in snapshot(backend, jobs)}
+        reachable, error = True, None
+    except Exception as exc:
+        shared, reachable, error = {}, False, f"{type(exc).__name__}: {redact(str(exc))}"
+    rows = []
+    for job in jobs:
+        seen = shared.get(job.name, {})
+        rows.append(
+            {
+                "name": job.name,
+                "schedule": job.schedule.describe(),
+                "mode": job.mode,
+                "next": iso_z(next_fire[job.name]) if job.name in next_fire else None,
+                "held_here": held_here.get(job.name),
+                "lock": seen.get("lock"),
+                "last_attempt": seen.get("last_attempt"),
+            }
+        )
+    return {
+        "replica": replica,
+        "backend": {"url": redact(url), "reachable": reachable, "error": error},
+        "jobs": rows,
+    }
