@@ -137,6 +137,14 @@ class ServerConfig(_Strict):
     listen: str | None = None
 
 
+class SentryConfig(_Strict):
+    """``sentry:``; the DSN may also come from ``SENTRY_DSN``."""
+
+    dsn: str | None = None
+    environment: str | None = None
+    crons: bool = True
+
+
 class Settings(BaseSettings):
     """The whole file, after environment overrides."""
 
@@ -158,6 +166,7 @@ class Settings(BaseSettings):
     kill_grace: Duration = 5.0
     max_skew: PositiveDuration = 2.0
     server: ServerConfig = ServerConfig()
+    sentry: SentryConfig = SentryConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @classmethod

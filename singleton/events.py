@@ -32,6 +32,8 @@ class Event:
     run_id: str | None = None
     token: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    #: The exception a job raised, for error reporting; the log already has its traceback.
+    exc: BaseException | None = None
 
 
 Listener = Callable[[Event], None]
@@ -53,9 +55,11 @@ class Events:
         job: str,
         run_id: str | None = None,
         token: int | None = None,
+        *,
+        exc: BaseException | None = None,
         **fields: Any,
     ) -> None:
-        event = Event(kind, job, self.replica, run_id, token, fields)
+        event = Event(kind, job, self.replica, run_id, token, fields, exc)
         for listener in self._listeners:
             try:
                 listener(event)

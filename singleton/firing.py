@@ -426,5 +426,5 @@ class Firer:
             fields["error"] = error
         if result.output.strip():
             fields["output"] = result.output.strip()[-OUTPUT_IN_LOG:]
-        self.events.emit(state, job.name, run.run_id, token, **fields)
+        self.events.emit(state, job.name, run.run_id, token, exc=result.exception, **fields)
         return Outcome(state, error)

@@ -27,6 +27,7 @@ from singleton.jobs import Job
 from singleton.metrics import Metrics
 from singleton.schedule import run_id
 from singleton.scheduler import Scheduler
+from singleton.sentry import setup as sentry_setup
 from singleton.server import Endpoint, Route, json_route
 from singleton.status import replica_status
 from singleton.urls import redact, scheme
@@ -51,6 +52,9 @@ class Runner:
         self.events.add(log_event)
         self.metrics = Metrics(scheme(backend.url))
         self.events.add(self.metrics)
+        self.sentry = sentry_setup(app.settings.sentry, app.jobs)
+        if self.sentry is not None:
+            self.events.add(self.sentry)
         self.stopping = threading.Event()
         self.firer = Firer(backend, self.replica, clock, self.events, self.stopping)
         self.scheduler = Scheduler(list(app.jobs.values()), clock, self.dispatch)
@@ -178,6 +182,8 @@ class Runner:
         finally:
             if self.endpoint is not None:
                 self.endpoint.stop()
+            if self.sentry is not None:
+                self.sentry.flush()
         log.info("stopped", extra={"fields": {"replica": self.replica}})
         return 0
 

@@ -67,6 +67,11 @@ class Schedule(Protocol):
         """The smallest gap between firings in seconds, if known; None for a single firing."""
         ...
 
+    def crontab(self) -> tuple[str, str] | None:
+        """The same instants as a five-field crontab and its timezone, where minute
+        resolution can say them (for monitors such as Sentry Crons); None otherwise."""
+        ...
+
 
 # --------------------------------------------------------------------------- cron
 
@@ -273,6 +278,11 @@ class _CronSchedule:
     def min_period(self) -> float | None:
         return 60.0 if self._seconds is None else 1.0
 
+    def crontab(self) -> tuple[str, str] | None:
+        if self._seconds not in (None, (0,)):
+            return None
+        return self._minute_expr, self._timezone
+
 
 def cron_schedule(expr: str, timezone: str) -> Schedule:
     """A crontab(5) schedule in ``timezone``; every mistake is a one-line ConfigError."""
@@ -314,6 +324,16 @@ class _EverySchedule:
     def min_period(self) -> float | None:
         return float(self._interval)
 
+    def crontab(self) -> tuple[str, str] | None:
+        minutes, hours = self._interval // 60, self._interval // 3600
+        if self._anchor is not None or self._interval % 60:
+            return None
+        if minutes < 60 and 60 % minutes == 0:
+            return f"*/{minutes} * * * *", "UTC"
+        if self._interval % 3600 == 0 and 24 % hours == 0:
+            return f"0 */{hours} * * *", "UTC"
+        return None
+
 
 def every_schedule(seconds: float, anchor: datetime | None = None) -> Schedule:
     """Every ``seconds`` (a whole number, at least 1) since the Unix epoch or ``anchor``.
@@ -352,6 +372,9 @@ class _AtSchedule:
 
     @property
     def min_period(self) -> float | None:
+        return None
+
+    def crontab(self) -> tuple[str, str] | None:
         return None
 
 

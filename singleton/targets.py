@@ -23,7 +23,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, cast
@@ -49,6 +49,8 @@ class Result:
     ok: bool
     error: str | None = None
     output: str = ""
+    #: The exception a ``call`` target raised, for error reporting (Sentry); not logged.
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 class Target(Protocol):
@@ -133,7 +135,7 @@ class CallTarget:
             return Result(ok=False, error=f"LeaseLost: {exc}")
         except Exception as exc:
             log.exception("job raised %s", type(exc).__name__, extra=_fields(ctx))
-            return Result(ok=False, error=f"{type(exc).__name__}: {exc}")
+            return Result(ok=False, error=f"{type(exc).__name__}: {exc}", exception=exc)
         return Result(ok=True)
 
     def _invoke(self, ctx: JobContext) -> object:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,6 +23,7 @@ import yaml
 
 from singleton.backends import open_backend
 from singleton.backends.base import Attempt, Backend
+from singleton.clock import iso_z
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -38,6 +40,11 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(every)
+
+
+def soon() -> str:
+    """An ``anchor`` two seconds from now, so an ``every: 30s`` job fires once, promptly."""
+    return iso_z(datetime.now(UTC) + timedelta(seconds=2))
 
 
 def sink_command(sink: Path, sleep: float = 0.0, ignore_term: bool = False) -> list[str]:

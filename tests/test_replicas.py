@@ -13,13 +13,12 @@ import itertools
 import signal
 import sqlite3
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from singleton.clock import iso_z, parse_iso
-from tests.replicas import FAKETIME, fleet, sink_command, wait_for
+from singleton.clock import parse_iso
+from tests.replicas import FAKETIME, fleet, sink_command, soon, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +42,6 @@ def applied_by_run(sink: Path) -> dict[str, list[int]]:
         if row["applied"]:
             applied.setdefault(row["run_id"], []).append(row["token"])
     return applied
-
-
-def soon() -> str:
-    """An ``anchor`` two seconds from now, so a ``every: 30s`` job fires once, promptly."""
-    return iso_z(datetime.now(UTC) + timedelta(seconds=2))
 
 
 @pytest.fixture
