@@ -617,12 +617,15 @@ def _claim(found: Sequence[Any]) -> Claim:
 # -- connections and errors -------------------------------------------------------------------
 
 
-def connect(url: str, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> redis.Redis:
+def connect(
+    url: str, timeout: float = DEFAULT_TIMEOUT, name: str = "singleton", **kwargs: Any
+) -> redis.Redis:
     """A client for ``url`` with short timeouts and one immediate retry on a new socket.
 
     Only connection errors are retried: a timeout means a paused or partitioned server,
     and waiting for it again would only hold a renewal past its lease's deadline. URL
-    mistakes become one-line :class:`ConfigError` without the password.
+    mistakes become one-line :class:`ConfigError` without the password. ``name`` shows in
+    ``CLIENT LIST``.
     """
     parts = urlsplit(url)
     database = parts.path.strip("/")
@@ -632,6 +635,7 @@ def connect(url: str, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> redis.
         return redis.Redis.from_url(
             url,
             decode_responses=True,
+            client_name=name,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1, (rex.ConnectionError,)),
@@ -738,6 +742,7 @@ class _Listener:
                     pubsub.close()
                 except (rex.RedisError, OSError):
                     pass
+        self._client.close()
 
     def _note(self, name: str) -> None:
         with self._cond:
@@ -745,9 +750,9 @@ class _Listener:
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop listening; the thread lets go of its connection within its poll (0.5 s),
+        so that closing many backends does not wait for each in turn."""
         self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._client.close()
 
 
 # -- the backend ------------------------------------------------------------------------------
@@ -776,7 +781,7 @@ class RedisBackend:
         self._clock = clock
         self._timeout = _seconds(timeout, "timeout")
         declared = _flag(durable, "durable")
-        self._client = connect(url, self._timeout)
+        self._client = connect(url, self._timeout, f"singleton-{self.keys.prefix}")
         self.scripts = Scripts(self._client)
         try:
             with self._errors():
@@ -904,7 +909,12 @@ class RedisBackend:
             if self._listener is None:
                 # Its own connection pool: the health check (a PING when idle) that keeps a
                 # subscription honest would cost the fast paths a round trip.
-                client = connect(self.url, self._timeout, health_check_interval=10)
+                client = connect(
+                    self.url,
+                    self._timeout,
+                    f"singleton-{self.keys.prefix}-standby",
+                    health_check_interval=10,
+                )
                 self._listener = _Listener(client, self.keys)
             return self._listener
 
@@ -935,7 +945,9 @@ class RedisBackend:
             self._observe(run.job, token)
             return None
         lease = Lease(run.job, owner, token, ttl, lease_deadline(sent, ttl))
-        return lease, self._with_memory(run.job, claim)
+        claim = self._with_memory(run.job, claim)
+        self._observe(run.job, token)  # after: this claim's highest is what came before it
+        return lease, claim
 
     def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:
         with self._errors():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,15 @@ class RedisServer:
     """One ``redis-server``: ``aof=True`` runs it with ``appendonly yes appendfsync always``
     (the setup for ``fencing``), ``aof=False`` with no persistence at all."""
 
-    def __init__(self, workdir: Path, aof: bool = True, unix_socket: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        aof: bool = True,
+        unix_socket: bool = False,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.dir = workdir
+        self.extra = list(extra)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aof = aof
         self.port = free_port()
@@ -55,7 +63,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.socket is not None:
             line += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
-        return line
+        return line + self.extra
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
@@ -108,17 +116,45 @@ class RedisServer:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
+    @contextmanager
+    def monitor(self) -> Iterator[list[str]]:
+        """The commands clients send meanwhile, in order, as lower-case names: one per round
+        trip, unlike ``INFO commandstats``, which also counts the calls made inside scripts.
+        """
+        watcher = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+        marker = f"end-of-monitor-{os.getpid()}-{id(watcher)}"
+        seen: list[str] = []
+        done = threading.Event()
+        with watcher.monitor() as feed:
+
+            def read() -> None:
+                while True:
+                    found = feed.next_command()
+                    if marker in found["command"]:
+                        done.set()
+                        return
+                    if found["client_type"] != "lua":
+                        seen.append(found["command"].split(" ", 1)[0].lower())
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            yield seen
+            self.admin.echo(marker)
+            assert done.wait(10), "MONITOR did not see the end marker"
+        watcher.close()
+
     def commandstats(self) -> dict[str, int]:
-        """Calls per command so far (``INFO commandstats``), e.g. ``{"evalsha": 3}``."""
+        """Calls per command so far (``INFO commandstats``), e.g. ``{"evalsha": 3}``; calls
+        made inside scripts count too."""
         stats = self.admin.info("commandstats")
         return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 @contextmanager
 def redis_server(
-    workdir: Path, aof: bool = True, unix_socket: bool = False
+    workdir: Path, aof: bool = True, unix_socket: bool = False, extra: Sequence[str] = ()
 ) -> Iterator[RedisServer]:
-    server = RedisServer(workdir, aof=aof, unix_socket=unix_socket).start()
+    server = RedisServer(workdir, aof=aof, unix_socket=unix_socket, extra=extra).start()
     try:
         yield server
     finally:
