@@ -222,12 +222,12 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         "jobs:\n  a:\n    every: 5s\n",
-        "jobs.a: needs exactly one target (call, command), got none",
+        "jobs.a: needs exactly one target (call, command, http), got none",
         id="no-target",
     ),
     pytest.param(
         "jobs:\n  a:\n    every: 5s\n    command: [x]\n    call: os:getcwd\n",
-        "jobs.a: needs exactly one target (call, command), got call and command",
+        "jobs.a: needs exactly one target (call, command, http), got call and command",
         id="two-targets",
     ),
     pytest.param(
