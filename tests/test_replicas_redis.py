@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from singleton.backends.redis import KeySpace
-from tests.replicas import fleet, sink_command, soon, wait_for
+from tests.replicas import fleet, sink_command, wait_for
 from tests.servers.redis import RedisServer
 from tests.test_replicas import (
     applied_by_run,
