@@ -479,7 +479,7 @@ def test_a_release_between_a_failed_acquire_and_wait_is_not_missed(
 ) -> None:
     other = RedisBackend(durable.url)
     try:
-        other.wait(name, 0.01)
+        other.wait(name + "-other", 0.01)  # subscribed, but has never waited on `name`
         lease = acquire(backend, name)
         assert other.try_acquire(name, 5.0, new_owner("b")) is None
         backend.release(lease)
@@ -625,6 +625,23 @@ def test_unix_socket_urls(tmp_path: Path, name: str) -> None:
             assert server.admin.get(KeySpace().job(name).lock) == lease.owner
         finally:
             opened.close()
+
+
+def test_tls_urls(tmp_path: Path, name: str) -> None:
+    with redis_server(tmp_path, aof=True, tls=True) as server:
+        opened = open_backend(server.url)
+        try:
+            assert server.url.startswith("rediss://")
+            assert opened.capabilities.fencing
+            lease = opened.try_acquire(name, 5.0, new_owner("a"))
+            assert lease is not None
+            assert server.admin.get(KeySpace().job(name).lock) == lease.owner
+        finally:
+            opened.close()
+        untrusted = f"rediss://u:s3cret@127.0.0.1:{server.port}/0"
+        with pytest.raises(BackendUnavailable, match="certificate verify failed") as caught:
+            RedisBackend(untrusted)
+        assert "\n" not in str(caught.value) and "s3cret" not in str(caught.value)
 
 
 def test_a_wrong_password_is_an_error_without_the_password(durable: RedisServer) -> None:

@@ -833,6 +833,18 @@ class RedisBackend:
             return Claim(claim.latest, claim.attempt, before)
         return claim
 
+    def _busy(self, name: str, counter: int) -> None:
+        """After a refused acquire: remember the counter, and the releases of ``name`` seen
+        so far, so that a release before this thread's next :meth:`wait` is not missed."""
+        self._observe(name, counter)
+        listener = self._listener
+        if listener is not None:
+            self._seen_releases()[name] = listener.released(name)
+
+    def _seen_releases(self) -> dict[str, int]:
+        """Per thread: how many releases of each lock it has seen (see :meth:`wait`)."""
+        return cast(dict[str, int], self._seen.__dict__.setdefault("released", {}))
+
     def _register(self, job: str) -> None:
         """Add ``job`` to the prefix's job set once per process (history and prune use it)."""
         if job in self._known_jobs:
@@ -848,7 +860,7 @@ class RedisBackend:
         with self._errors():
             granted, token = self.scripts.acquire(self.keys.job(name), owner, ttl)
         if not granted:
-            self._observe(name, token)
+            self._busy(name, token)
             return None
         return Lease(name, owner, token, ttl, lease_deadline(sent, ttl))
 
@@ -875,8 +887,8 @@ class RedisBackend:
         """Block until a release of ``name`` is published (then a short random delay, so
         that many standbys do not all try at the same instant) or ``timeout`` passes.
 
-        A release published since this thread's previous wait on ``name`` returns at once:
-        it may have come between the caller's failed acquire and this call. Without a
+        A release published since this thread's last refused acquire of ``name`` (or its
+        previous wait) returns at once: it came between that and this call. Without a
         subscription (the server is unreachable, or was restarted) it polls the lock with
         back-off instead, never more often than every 50 ms.
         """
@@ -885,7 +897,7 @@ class RedisBackend:
         if not listener.subscribed.wait(min(timeout, self._timeout)):
             self._poll(name, end)
             return
-        seen: dict[str, int] = self._seen.__dict__.setdefault("released", {})
+        seen = self._seen_releases()
         before = seen.get(name, listener.released(name))
         after = listener.wait(name, before, max(0.0, end - self._clock.monotonic()))
         seen[name] = after
@@ -942,7 +954,7 @@ class RedisBackend:
                 self.keys.job(run.job), run, ttl, owner, self._clock.now()
             )
         if claim is None:
-            self._observe(run.job, token)
+            self._busy(run.job, token)
             return None
         lease = Lease(run.job, owner, token, ttl, lease_deadline(sent, ttl))
         claim = self._with_memory(run.job, claim)

@@ -30,9 +30,11 @@ class RedisServer:
         aof: bool = True,
         unix_socket: bool = False,
         extra: Sequence[str] = (),
+        tls: bool = False,
     ) -> None:
         self.dir = workdir
         self.extra = list(extra)
+        self.tls = tls
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aof = aof
         self.port = free_port()
@@ -42,7 +44,24 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.dir / 'cert.pem'}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1, which clients trust by ``ssl_ca_certs``."""
+        if (self.dir / "cert.pem").exists():
+            return
+        subprocess.run(
+            [
+                binary("openssl", "/usr/bin/openssl"),
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-keyout", str(self.dir / "key.pem"), "-out", str(self.dir / "cert.pem"),
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
 
     @property
     def unix_url(self) -> str:
@@ -63,6 +82,16 @@ class RedisServer:
         ]  # fmt: skip
         if self.socket is not None:
             line += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        if self.tls:
+            self._make_certificate()
+            line[line.index("--port") + 1] = "0"
+            line += [
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.dir / "cert.pem"),
+                "--tls-key-file", str(self.dir / "key.pem"),
+                "--tls-ca-cert-file", str(self.dir / "cert.pem"),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         return line + self.extra
 
     def start(self) -> RedisServer:
@@ -86,9 +115,7 @@ class RedisServer:
     def admin(self) -> redis.Redis:
         """A plain client for the test's own commands (not the backend under test)."""
         if self._admin is None:
-            self._admin = redis.Redis(
-                host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5
-            )
+            self._admin = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5)
         return self._admin
 
     def call(self, *args: Any) -> Any:
@@ -121,7 +148,7 @@ class RedisServer:
         """The commands clients send meanwhile, in order, as lower-case names: one per round
         trip, unlike ``INFO commandstats``, which also counts the calls made inside scripts.
         """
-        watcher = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+        watcher = redis.Redis.from_url(self.url, decode_responses=True)
         marker = f"end-of-monitor-{os.getpid()}-{id(watcher)}"
         seen: list[str] = []
         done = threading.Event()
@@ -152,9 +179,13 @@ class RedisServer:
 
 @contextmanager
 def redis_server(
-    workdir: Path, aof: bool = True, unix_socket: bool = False, extra: Sequence[str] = ()
+    workdir: Path,
+    aof: bool = True,
+    unix_socket: bool = False,
+    extra: Sequence[str] = (),
+    tls: bool = False,
 ) -> Iterator[RedisServer]:
-    server = RedisServer(workdir, aof=aof, unix_socket=unix_socket, extra=extra).start()
+    server = RedisServer(workdir, aof=aof, unix_socket=unix_socket, extra=extra, tls=tls).start()
     try:
         yield server
     finally:
