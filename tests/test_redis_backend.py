@@ -95,6 +95,15 @@ def test_aof_without_fsync_always_declares_no_fencing(tmp_path: Path, fsync: str
             opened.close()
 
 
+def test_a_policy_that_may_evict_the_counter_declares_no_fencing(tmp_path: Path) -> None:
+    with redis_server(tmp_path, aof=True, extra=["--maxmemory-policy", "allkeys-lru"]) as server:
+        opened = RedisBackend(server.url)
+        try:
+            assert not opened.capabilities.fencing
+        finally:
+            opened.close()
+
+
 def test_no_persistence_declares_no_fencing(plain: RedisServer) -> None:
     opened = RedisBackend(plain.url)
     try:

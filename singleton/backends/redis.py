@@ -16,9 +16,10 @@ Why these choices:
   Scripts build the attempt keys they read from that tag (as BullMQ does with its queue
   tag) because which attempt is the latest is known only on the server.
 * Fencing is declared only when the server says ``appendonly yes`` and ``appendfsync
-  always`` (``CONFIG GET``), or, where ``CONFIG`` is disabled (managed Redis), when the
-  ``durable: true`` option says so: with ``everysec`` the last second of tokens can be lost
-  in a crash, and without persistence a restart resets the counter to zero.
+  always`` and evicts no key without a TTL (``CONFIG GET``), or, where ``CONFIG`` is
+  disabled (managed Redis), when the ``durable: true`` option says so: with ``everysec``
+  the last second of tokens can be lost in a crash, without persistence a restart resets
+  the counter to zero, and an ``allkeys-*`` policy may evict it.
 * The ledger lives on the same server as the counter, so a server that lost its counter
   lost the ledger's highest token with it: the backend therefore also remembers, in this
   process, the highest token it has seen per lock (a busy lock's counter, the ledger's
@@ -660,13 +661,22 @@ def translated(url: str) -> Iterator[None]:
 
 
 def durability(client: redis.Redis) -> bool | None:
-    """Whether the server's AOF makes every write durable before it answers (``appendonly
-    yes`` and ``appendfsync always``); None where ``CONFIG`` is disabled or not allowed."""
+    """Whether a token, once issued, survives anything short of losing the disk: the AOF is
+    fsynced before each answer (``appendonly yes``, ``appendfsync always``) and no
+    ``allkeys-*`` eviction policy may drop the counter under memory pressure. None where
+    ``CONFIG`` is disabled or not allowed (managed Redis)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.config_get("append*")
+    pipe.config_get("maxmemory-policy")
     try:
-        config = cast(dict[str, str], client.config_get("append*"))
+        append, memory = cast(list[dict[str, str]], pipe.execute())
     except rex.ResponseError:
         return None
-    return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
+    return (
+        append.get("appendonly") == "yes"
+        and append.get("appendfsync") == "always"
+        and not memory.get("maxmemory-policy", "").startswith("allkeys-")
+    )
 
 
 def _flag(value: object, what: str) -> bool | None:
