@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 from redis.crc import key_slot
 
@@ -653,8 +652,16 @@ def test_tls_urls(tmp_path: Path, name: str) -> None:
         assert "\n" not in str(caught.value) and "s3cret" not in str(caught.value)
 
 
-def test_a_wrong_password_is_an_error_without_the_password(durable: RedisServer) -> None:
-    with pytest.raises(Exception, match=r"\*\*\*") as caught:
+def test_a_wrong_password_is_a_config_error_without_the_password(durable: RedisServer) -> None:
+    with pytest.raises(ConfigError, match=r"\*\*\*") as caught:
         RedisBackend(f"redis://nobody:s3cret@127.0.0.1:{durable.port}/0")
     assert "s3cret" not in str(caught.value)
-    assert not isinstance(caught.value, redis.RedisError)
+
+
+def test_an_acl_user_that_may_not_run_scripts_is_a_config_error(durable: RedisServer) -> None:
+    durable.call("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+@connection")
+    try:
+        with pytest.raises(ConfigError, match=r"NOPERM|permission"):
+            RedisBackend(f"redis://reader:pw@127.0.0.1:{durable.port}/0")
+    finally:
+        durable.call("ACL", "DELUSER", "reader")

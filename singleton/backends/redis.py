@@ -618,15 +618,12 @@ def _claim(found: Sequence[Any]) -> Claim:
 # -- connections and errors -------------------------------------------------------------------
 
 
-def connect(
-    url: str, timeout: float = DEFAULT_TIMEOUT, name: str = "singleton", **kwargs: Any
-) -> redis.Redis:
+def connect(url: str, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> redis.Redis:
     """A client for ``url`` with short timeouts and one immediate retry on a new socket.
 
     Only connection errors are retried: a timeout means a paused or partitioned server,
     and waiting for it again would only hold a renewal past its lease's deadline. URL
-    mistakes become one-line :class:`ConfigError` without the password. ``name`` shows in
-    ``CLIENT LIST``.
+    mistakes become one-line :class:`ConfigError` without the password.
     """
     parts = urlsplit(url)
     database = parts.path.strip("/")
@@ -636,7 +633,6 @@ def connect(
         return redis.Redis.from_url(
             url,
             decode_responses=True,
-            client_name=name,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1, (rex.ConnectionError,)),
@@ -791,15 +787,19 @@ class RedisBackend:
         self._clock = clock
         self._timeout = _seconds(timeout, "timeout")
         declared = _flag(durable, "durable")
-        self._client = connect(url, self._timeout, f"singleton-{self.keys.prefix}")
+        self._client = connect(url, self._timeout)
         self.scripts = Scripts(self._client)
         try:
             with self._errors():
                 try:
                     self.scripts.load()
+                    detected = durability(self._client)
                 except TypeError as exc:  # an unknown ?option in the URL surfaces here
                     raise ConfigError(f"backend.url {redact(url)!r}: {exc}") from None
-                detected = durability(self._client)
+                except (rex.AuthenticationError, rex.NoPermissionError) as exc:
+                    # Wrong credentials, or an ACL user that may not run scripts: both are
+                    # fixed in the configuration, not by retrying.
+                    raise ConfigError(f"backend.url {redact(url)!r}: {redact(str(exc))}") from None
             if declared and detected is False:
                 raise ConfigError(
                     f"backend.durable: true, but {redact(url)} does not run appendonly yes"
@@ -931,12 +931,7 @@ class RedisBackend:
             if self._listener is None:
                 # Its own connection pool: the health check (a PING when idle) that keeps a
                 # subscription honest would cost the fast paths a round trip.
-                client = connect(
-                    self.url,
-                    self._timeout,
-                    f"singleton-{self.keys.prefix}-standby",
-                    health_check_interval=10,
-                )
+                client = connect(self.url, self._timeout, health_check_interval=10)
                 self._listener = _Listener(client, self.keys)
             return self._listener
 
