@@ -77,8 +77,8 @@ PRUNE_BATCH = 500
 WAKE_JITTER = 0.05
 #: Back-off of the listener thread while it cannot reach the server.
 LISTEN_BACKOFF = (0.1, 2.0)
-#: Back-off of a standby that polls because there is no subscription.
-POLL_BACKOFF = (0.05, 1.0)
+#: Longest pause between two polls of a standby that has no subscription.
+POLL_BACKOFF_CAP = 2.0
 
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -899,14 +899,24 @@ class RedisBackend:
 
         A release published since this thread's last refused acquire of ``name`` (or its
         previous wait) returns at once: it came between that and this call. Without a
-        subscription (the server is unreachable, or was restarted) it polls the lock with
-        back-off instead, never more often than every 50 ms.
+        subscription (a new one coming up, or the server unreachable) it polls the lock
+        with back-off until the subscription is back.
         """
         end = self._clock.monotonic() + timeout
         listener = self._listen()
-        if not listener.subscribed.wait(min(timeout, self._timeout)):
-            self._poll(name, end)
-            return
+        patience = self._timeout  # a new subscription needs a round trip or two
+        while (left := end - self._clock.monotonic()) > 0:
+            if listener.subscribed.wait(min(left, patience)):
+                self._wait_released(listener, name, end)
+                return
+            patience = min(patience * 2, POLL_BACKOFF_CAP)
+            try:
+                if self.holder(name) is None:
+                    return
+            except BackendError:
+                continue
+
+    def _wait_released(self, listener: _Listener, name: str, end: float) -> None:
         seen = self._seen_releases()
         before = seen.get(name, listener.released(name))
         after = listener.wait(name, before, max(0.0, end - self._clock.monotonic()))
@@ -914,17 +924,6 @@ class RedisBackend:
         if after != before:
             left = max(0.0, end - self._clock.monotonic())
             self._clock.sleep(min(left, random.uniform(0, WAKE_JITTER)))
-
-    def _poll(self, name: str, end: float) -> None:
-        pause = POLL_BACKOFF[0]
-        while (left := end - self._clock.monotonic()) > 0:
-            self._clock.sleep(min(left, pause * random.uniform(0.8, 1.0)))
-            pause = min(pause * 2, POLL_BACKOFF[1])
-            try:
-                if self.holder(name) is None:
-                    return
-            except BackendError:
-                continue
 
     def _listen(self) -> _Listener:
         with self._state_lock:
