@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from redis import exceptions as rex
 from redis.crc import key_slot
 
 from singleton.app import load
 from singleton.backends import open_backend
 from singleton.backends.base import RUNNING, SUCCEEDED, Lease, Outcome, new_owner
-from singleton.backends.redis import KeySpace, RedisBackend
+from singleton.backends.redis import KeySpace, RedisBackend, translated
 from singleton.clock import SYSTEM_CLOCK
-from singleton.errors import BackendUnavailable, ConfigError, LeaseLost
+from singleton.errors import BackendError, BackendUnavailable, ConfigError, LeaseLost
 from singleton.lease import LeaseKeeper
 from singleton.testing.contract import make_run
 from tests.servers import free_port
@@ -454,6 +455,26 @@ def test_a_read_only_replica_is_unavailable_not_broken(
                 opened.try_acquire(name, 5.0, new_owner("a"))
         finally:
             opened.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (rex.ConnectionError("Connection closed by server."), BackendUnavailable),
+        (rex.TimeoutError("Timeout reading from socket"), BackendUnavailable),
+        (rex.BusyLoadingError("Redis is loading the dataset in memory"), BackendUnavailable),
+        (rex.ReadOnlyError("You can't write against a read only replica."), BackendUnavailable),
+        (rex.ResponseError("OOM command not allowed"), BackendError),
+        (rex.NoPermissionError("NOPERM this user has no permissions"), BackendError),
+    ],
+)
+def test_redis_errors_are_translated_at_the_boundary(
+    error: Exception, kind: type[Exception]
+) -> None:
+    with pytest.raises(kind) as caught, translated("redis://u:s3cret@h:6379/0"):
+        raise error
+    assert type(caught.value) is kind and caught.value.__cause__ is error
+    assert "s3cret" not in str(caught.value) and str(error) in str(caught.value)
 
 
 def test_an_unreachable_server_is_unavailable_at_once() -> None:

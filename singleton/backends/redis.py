@@ -648,7 +648,8 @@ def translated(url: str) -> Iterator[None]:
     demoted to a read-only replica) → BackendUnavailable, the rest → BackendError."""
     try:
         yield
-    except (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError) as exc:
+    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        # Connection errors to redis-py, but retrying will not fix credentials.
         raise BackendError(f"redis {redact(url)}: {redact(str(exc))}") from exc
     except (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError) as exc:
         raise BackendUnavailable(f"redis {redact(url)}: {redact(str(exc))}") from exc
