@@ -9,8 +9,8 @@ Why these choices:
 * Every step is one Lua script (:class:`Scripts`), registered once and run with EVALSHA;
   redis-py reloads a script after ``NOSCRIPT`` (a restarted server, ``SCRIPT FLUSH``). The
   fused fast paths are one script each: acquire + token + ledger claim, and ledger finish
-  + release. :class:`Scripts` and :class:`KeySpace` take a client and a prefix only, so the
-  Redlock backend runs the same scripts on each of its nodes.
+  + release. :class:`Scripts` and :class:`KeySpace` take a client and a prefix only, so a
+  Redlock backend can run the same scripts on each of its nodes.
 * Keys are ``singleton:<prefix>:{<job>}:…``: one job's keys share the hash tag ``{<job>}``,
   so every script touches one Redis Cluster slot and different jobs spread across slots.
   Scripts build the attempt keys they read from that tag (as BullMQ does with its queue
@@ -22,17 +22,18 @@ Why these choices:
   the counter to zero, and an ``allkeys-*`` policy may evict it.
 * The ledger lives on the same server as the counter, so a server that lost its counter
   lost the ledger's highest token with it: the backend therefore also remembers, in this
-  process, the highest token it has seen per lock (a busy lock's counter, the ledger's
-  highest) and reports it in :attr:`Claim.highest`; the runner's regression check then
-  sees a reset that the server itself has forgotten.
+  process, the highest token it has seen per lock (its grants, a busy lock's counter, the
+  ledger's highest) and reports it in :attr:`Claim.highest`; the runner's regression check
+  then sees a reset that the server itself has forgotten.
 * Standbys wait on pub/sub: a release publishes on the lock's channel; each backend object
   has one subscriber connection (a pattern over its prefix) and one listener thread. A
   missed message (a lease that simply expired, a reconnect) costs at most the caller's
   bounded wait.
 * Socket and connect timeouts are short (``timeout``, default 0.5 s) and redis-py retries
   a failed connection once, at once, on a new socket: a cut connection costs one retry, a
-  paused or partitioned server a ``BackendUnavailable`` after ``timeout``, never a renewal
-  blocked past its lease's deadline. Every redis-py error is translated at this boundary.
+  paused or partitioned server a ``BackendUnavailable`` after ``timeout`` (timeouts are not
+  retried), so the lease keeper reaches its deadline at most one ``timeout`` late. Every
+  redis-py error is translated at this boundary.
 """
 
 from __future__ import annotations
