@@ -25,7 +25,7 @@ from singleton.jobs import check_name
 from singleton.logs import configure
 from singleton.schedule import fire_times
 from singleton.status import attempt_json, snapshot
-from singleton.urls import redact
+from singleton.urls import redact, scheme
 
 EXIT_JOB_FAILED = 1
 EXIT_UNAVAILABLE = 69
@@ -314,6 +314,25 @@ def unlock(config: Path, name: str, force: bool, token_above: int) -> None:
             backend.close()
     evicted = f"evicted {holder.owner} (token {holder.token})" if holder else "it was free"
     click.echo(f"unlocked {name}: {evicted}; the next token will be above {counter}")
+
+
+
+@main.command()
+@CONFIG
+def migrate(config: Path) -> None:
+    """Create or upgrade the backend's schema now, for teams that run migrations themselves.
+
+    Only PostgreSQL keeps a schema; every other backend creates its state on first use.
+    """
+    with _errors():
+        loaded = _load(config, with_jobs=False)
+        url = loaded.backend_url
+        if scheme(url) not in ("postgresql", "postgres"):
+            click.echo(f"nothing to migrate: {scheme(url)}:// creates its state on first use")
+            return
+        from singleton.backends.postgres import migrate as run_migration
+
+        click.echo(run_migration(url, **loaded.settings.backend.options))
 
 
 if __name__ == "__main__":

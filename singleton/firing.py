@@ -43,7 +43,7 @@ from singleton.backends.base import (
 )
 from singleton.clock import Clock
 from singleton.context import Cancel, JobContext
-from singleton.errors import BackendError, LeaseLost
+from singleton.errors import BackendError, BackendUnavailable, LeaseLost
 from singleton.events import Events
 from singleton.jobs import Job
 from singleton.lease import LeaseKeeper
@@ -211,7 +211,15 @@ class Firer:
         standing_by = False
         started = self.clock.monotonic()
         while not self.stopping.is_set():
-            got = self.backend.acquire_and_claim(run, job.lock_ttl, new_owner(self.replica))
+            try:
+                got = self.backend.acquire_and_claim(run, job.lock_ttl, new_owner(self.replica))
+            except BackendUnavailable as exc:
+                # An outage shorter than the grace must not drop this firing: try again.
+                if self.clock.monotonic() >= give_up:
+                    raise
+                self.events.emit("backend_error", run.job, run.run_id, error=str(exc))
+                self.clock.wait(self.stopping, STANDBY_POLL)
+                continue
             waited = round(self.clock.monotonic() - started, 6)
             if got is not None:
                 self.events.emit("acquired", job.name, run.run_id, got[0].token, waited=waited)
@@ -235,7 +243,10 @@ class Firer:
                 # The firing started in time and runs elsewhere: keep watching its owner.
                 give_up = now + job.lock_ttl
             pause = min(STANDBY_POLL, max(0.0, give_up - now)) * random.uniform(0.8, 1.0)
-            self.backend.wait(job.name, pause)
+            try:
+                self.backend.wait(job.name, pause)
+            except BackendUnavailable:
+                self.clock.wait(self.stopping, pause)  # the next acquire reports the outage
         return None
 
     def _own(self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int) -> Owned:

@@ -10,10 +10,15 @@ from urllib.parse import urlsplit
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s'\"]*):[^/\s'\"]*@")
 
 
+#: libpq also takes the password as a URL parameter.
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&\s'\"]*")
+
+
 def redact(text: str) -> str:
     """``redis://u:secret@h`` → ``redis://u:***@h``, wherever URLs appear in ``text``: they
     reach logs, ``check``, ``status`` and error reports, and a password must reach none."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _PASSWORD_PARAMETER.sub(r"\1***", text)
 
 
 def scheme(url: str) -> str:

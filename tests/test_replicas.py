@@ -57,8 +57,15 @@ def test_every_firing_runs_exactly_once_across_three_replicas(
     with fleet(tmp_path, backend_url, {"tick": job}) as group:
         group.start_many(3)
         wait_for("30 firings", lambda: len(applied_by_run(sink)) >= 30, timeout=60, every=0.5)
+        applied = applied_by_run(sink)
+
+        def recorded() -> bool:
+            done = {a.run_id for a in group.history("tick") if a.state == "succeeded"}
+            return done >= set(applied)
+
+        # A run's sink write lands before its owner records it succeeded.
+        wait_for("every applied run to be recorded", recorded, timeout=10)
         history = group.history("tick")
-    applied = applied_by_run(sink)
     assert all(len(tokens) == 1 for tokens in applied.values()), applied
     assert not [row for row in sink_writes(sink) if not row["applied"]]
     succeeded: dict[str, int] = {}

@@ -170,7 +170,9 @@ class LockBackend(Protocol):
 
     def renew(self, lease: Lease) -> Lease:
         """Extend ``lease`` by its TTL from now; raise LeaseLost if it is no longer held by
-        this owner with this token (expired, released, stolen)."""
+        this owner with this token (expired, released, stolen). Must return or raise by
+        ``lease.deadline``: the keeper judges the lease only between renewals, so a renewal
+        that hangs (a paused server, a partition) would hide its loss."""
         ...
 
     def release(self, lease: Lease, keep_for: float = 0.0) -> None:
