@@ -5,6 +5,7 @@ server clock and URL mistakes."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from singleton.clock import SYSTEM_CLOCK
 from singleton.errors import BackendError, BackendUnavailable, ConfigError, LeaseLost
 from singleton.lease import LeaseKeeper
 from singleton.testing.contract import make_run
+from tests.replicas import FAKETIME
 from tests.servers import free_port
 from tests.servers.redis import RedisServer, commands_between, redis_server
 
@@ -621,6 +623,28 @@ def test_server_time_agrees_with_this_host(backend: RedisBackend) -> None:
     server = backend.server_time()
     assert server is not None and server.tzinfo is not None
     assert abs((server - datetime.now(UTC)).total_seconds()) < 0.5
+
+
+def test_check_refuses_a_host_clock_ahead_of_redis_time(tmp_path: Path, plain: RedisServer) -> None:
+    assert FAKETIME.exists(), "faketime is missing: run scripts/install-servers"
+    config = write_config(tmp_path / "c.yaml", plain.url, "singleton")
+    env = dict(
+        os.environ,
+        LD_PRELOAD=str(FAKETIME),
+        FAKETIME="+30s",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+        PYTHONPATH=str(ROOT),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "singleton", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    assert out.returncode == 78, out.stderr
+    assert "clock skew -30" in out.stderr and "max_skew" in out.stderr, out.stderr
 
 
 # -- URLs ----------------------------------------------------------------------------------------
