@@ -61,7 +61,8 @@ def test_a_database_restart_under_a_running_fleet_applies_no_firing_twice(
         server.stop()
 
         def noticed() -> bool:
-            return any("firing failed" in r.log.read_text() for r in group.replicas.values())
+            logs = [r.log.read_text() for r in group.replicas.values()]
+            return any('"backend_error"' in log or "firing failed" in log for log in logs)
 
         wait_for("a replica to find the database gone", noticed, timeout=10, every=0.1)
         server.start()
