@@ -62,6 +62,9 @@ OUTPUT_IN_LOG = 1000
 
 #: How long a standby blocks in one wait before it looks again (and at shutdown).
 STANDBY_POLL = 0.5
+#: The longest standby wait where the coordinator notifies releases (bounded, so a
+#: standby still gives up promptly at shutdown).
+MAX_STANDBY_PAUSE = 2.0
 
 
 class TokenMemory:
@@ -242,12 +245,21 @@ class Firer:
                     return None
                 # The firing started in time and runs elsewhere: keep watching its owner.
                 give_up = now + job.lock_ttl
-            pause = min(STANDBY_POLL, max(0.0, give_up - now)) * random.uniform(0.8, 1.0)
+            pause = min(self._standby_pause(job), max(0.0, give_up - now))
+            pause *= random.uniform(0.8, 1.0)
             try:
                 self.backend.wait(job.name, pause)
             except BackendUnavailable:
                 self.clock.wait(self.stopping, pause)  # the next acquire reports the outage
         return None
+
+    def _standby_pause(self, job: Job) -> float:
+        """How long a standby waits between tries. Where the coordinator wakes waiters on
+        release, longer (a third of the TTL): the wait ends early on a release, and only an
+        owner's death, noticed at its lease's expiry, costs the full pause."""
+        if self.backend.capabilities.notify:
+            return max(STANDBY_POLL, min(job.lock_ttl / 3, MAX_STANDBY_PAUSE))
+        return STANDBY_POLL
 
     def _own(self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int) -> Owned:
         """Hold the lease from acquisition to release. After a token regression the result's

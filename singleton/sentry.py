@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from singleton.config import SentryConfig
 from singleton.errors import ConfigError

@@ -43,8 +43,9 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
 
 
 def soon() -> str:
-    """An ``anchor`` two seconds from now, so an ``every: 30s`` job fires once, promptly."""
-    return iso_z(datetime.now(UTC) + timedelta(seconds=2))
+    """An ``anchor`` a few seconds from now, so an ``every: 30s`` job fires once, promptly,
+    after replicas started even on a loaded machine."""
+    return iso_z(datetime.now(UTC) + timedelta(seconds=4))
 
 
 def sink_command(sink: Path, sleep: float = 0.0, ignore_term: bool = False) -> list[str]:

@@ -277,7 +277,12 @@ class Composed:
         lease = self.try_acquire(run.job, ttl, owner)
         if lease is None:
             return None
-        return lease, self.claim(run, lease)
+        try:
+            return lease, self.claim(run, lease)
+        except BaseException:
+            # Nobody will use this lease: do not make the standbys wait out its TTL.
+            self.release(lease)
+            raise
 
     def finish_and_release(
         self: Backend, run: Run, lease: Lease, attempt: int, outcome: Outcome, keep_for: float = 0.0
