@@ -15,19 +15,7 @@ from singleton.urls import redact
 
 def attempt_json(row: Attempt) -> dict[str, Any]:
     """One attempt in the ``history --json`` shape (DESIGN, "Contracts")."""
-    return {
-        "run_id": row.run_id,
-        "job": row.job,
-        "attempt": row.attempt,
-        "state": row.state,
-        "reason": row.reason,
-        "token": row.token,
-        "replica": row.replica,
-        "scheduled_at": iso_z(row.scheduled_at),
-        "started_at": iso_z(row.started_at, millis=True) if row.started_at else None,
-        "finished_at": iso_z(row.finished_at, millis=True) if row.finished_at else None,
-        "error": row.error,
-    }
+    return row.to_record()
 
 
 def lock_json(backend: Backend, name: str) -> dict[str, Any] | None:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from singleton.clock import iso_z, parse_iso
 
 #: The states an attempt can be in; ``skipped`` rows record firings that never ran.
 RUNNING = "running"
@@ -112,6 +115,47 @@ class Attempt:
     finished_at: datetime | None = None
     reason: str | None = None
     error: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``history --json`` object (DESIGN, "Contracts"); also how backends that keep
+        documents (etcd, ZooKeeper) store an attempt."""
+        return {
+            "run_id": self.run_id,
+            "job": self.job,
+            "attempt": self.attempt,
+            "state": self.state,
+            "reason": self.reason,
+            "token": self.token,
+            "replica": self.replica,
+            "scheduled_at": iso_z(self.scheduled_at),
+            "started_at": iso_z(self.started_at, millis=True) if self.started_at else None,
+            "finished_at": iso_z(self.finished_at, millis=True) if self.finished_at else None,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Attempt:
+        """The inverse of :meth:`to_record`, tolerant of what storage does to it: numbers
+        as text (Redis, etcd), missing empty fields, times with any ISO-8601 offset."""
+
+        def when(key: str) -> datetime | None:
+            value = record.get(key)
+            return parse_iso(value) if value else None
+
+        token = record.get("token")
+        return cls(
+            run_id=record["run_id"],
+            job=record["job"],
+            attempt=int(record["attempt"]),
+            state=record["state"],
+            token=int(token) if token not in (None, "") else None,
+            replica=record["replica"],
+            scheduled_at=parse_iso(record["scheduled_at"]),
+            started_at=when("started_at"),
+            finished_at=when("finished_at"),
+            reason=record.get("reason") or None,
+            error=record.get("error") or None,
+        )
 
 
 @dataclass(frozen=True)

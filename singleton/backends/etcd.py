@@ -62,7 +62,7 @@ from singleton.backends.base import (
     lease_deadline,
     owner_replica,
 )
-from singleton.clock import SYSTEM_CLOCK, Clock, iso_z, parse_iso
+from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.durations import parse_duration
 from singleton.errors import (
     BackendError,
@@ -333,46 +333,11 @@ def _revision(reply: Json) -> int:
 
 
 def _encode(attempt: Attempt) -> str:
-    def when(moment: datetime | None) -> str | None:
-        return iso_z(moment, millis=True) if moment else None
-
-    return json.dumps(
-        {
-            "run_id": attempt.run_id,
-            "job": attempt.job,
-            "attempt": attempt.attempt,
-            "state": attempt.state,
-            "token": attempt.token,
-            "replica": attempt.replica,
-            "scheduled_at": iso_z(attempt.scheduled_at),
-            "started_at": when(attempt.started_at),
-            "finished_at": when(attempt.finished_at),
-            "reason": attempt.reason,
-            "error": attempt.error,
-        },
-        separators=(",", ":"),
-    )
+    return json.dumps(attempt.to_record(), separators=(",", ":"))
 
 
 def _decode(text: str) -> Attempt:
-    row = json.loads(text)
-
-    def when(value: str | None) -> datetime | None:
-        return parse_iso(value) if value else None
-
-    return Attempt(
-        run_id=row["run_id"],
-        job=row["job"],
-        attempt=row["attempt"],
-        state=row["state"],
-        token=row["token"],
-        replica=row["replica"],
-        scheduled_at=parse_iso(row["scheduled_at"]),
-        started_at=when(row["started_at"]),
-        finished_at=when(row["finished_at"]),
-        reason=row["reason"],
-        error=row["error"],
-    )
+    return Attempt.from_record(json.loads(text))
 
 
 # -- the gateway ---------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from singleton.backends.base import (
     lease_deadline,
     owner_replica,
 )
-from singleton.clock import SYSTEM_CLOCK, Clock, parse_iso
+from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.durations import parse_duration
 from singleton.errors import BackendError, BackendUnavailable, ConfigError, LeaseLost
 from singleton.urls import redact, scheme
@@ -376,27 +376,9 @@ class _Result:
     rowcount: int
 
 
-def _when(text: str | None) -> datetime | None:
-    return parse_iso(text) if text else None
-
-
 def _attempt(doc: Mapping[str, Any] | None) -> Attempt | None:
     """An attempt from its row as ``to_jsonb`` gives it (times in ISO-8601 with an offset)."""
-    if doc is None:
-        return None
-    return Attempt(
-        run_id=doc["run_id"],
-        job=doc["job"],
-        attempt=int(doc["attempt"]),
-        state=doc["state"],
-        token=doc["token"],
-        replica=doc["replica"],
-        scheduled_at=parse_iso(doc["scheduled_at"]),
-        started_at=_when(doc["started_at"]),
-        finished_at=_when(doc["finished_at"]),
-        reason=doc["reason"],
-        error=doc["error"],
-    )
+    return None if doc is None else Attempt.from_record(doc)
 
 
 def _number(attempt: Attempt | None) -> int:

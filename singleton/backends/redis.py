@@ -64,7 +64,7 @@ from singleton.backends.base import (
     lease_deadline,
     owner_replica,
 )
-from singleton.clock import SYSTEM_CLOCK, Clock, iso_z, parse_iso
+from singleton.clock import SYSTEM_CLOCK, Clock, iso_z
 from singleton.durations import parse_duration
 from singleton.errors import BackendError, BackendUnavailable, ConfigError, LeaseLost
 from singleton.urls import redact
@@ -587,24 +587,7 @@ def _attempt_args(run: Run, owner: str, now: datetime) -> list[Any]:
 
 def attempt_from(row: Sequence[str]) -> Attempt:
     """An attempt from the flat field list of its hash (``HGETALL``)."""
-    fields = dict(zip(row[::2], row[1::2], strict=True))
-
-    def when(name: str) -> datetime | None:
-        return parse_iso(fields[name]) if name in fields else None
-
-    return Attempt(
-        run_id=fields["run_id"],
-        job=fields["job"],
-        attempt=int(fields["attempt"]),
-        state=fields["state"],
-        token=int(fields["token"]) if "token" in fields else None,
-        replica=fields["replica"],
-        scheduled_at=parse_iso(fields["scheduled_at"]),
-        started_at=when("started_at"),
-        finished_at=when("finished_at"),
-        reason=fields.get("reason"),
-        error=fields.get("error"),
-    )
+    return Attempt.from_record(dict(zip(row[::2], row[1::2], strict=True)))
 
 
 def _claim(found: Sequence[Any]) -> Claim:

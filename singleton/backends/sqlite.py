@@ -40,7 +40,7 @@ from singleton.backends.base import (
     lease_deadline,
     owner_replica,
 )
-from singleton.clock import SYSTEM_CLOCK, Clock, iso_z, parse_iso
+from singleton.clock import SYSTEM_CLOCK, Clock, iso_z
 from singleton.errors import BackendUnavailable, ConfigError, LeaseLost
 
 SCHEMA = """
@@ -138,22 +138,7 @@ def database_path(url: str) -> Path:
 
 
 def _attempt(row: sqlite3.Row) -> Attempt:
-    def when(text: str | None) -> datetime | None:
-        return parse_iso(text) if text else None
-
-    return Attempt(
-        run_id=row["run_id"],
-        job=row["job"],
-        attempt=row["attempt"],
-        state=row["state"],
-        token=row["token"],
-        replica=row["replica"],
-        scheduled_at=parse_iso(row["scheduled_at"]),
-        started_at=when(row["started_at"]),
-        finished_at=when(row["finished_at"]),
-        reason=row["reason"],
-        error=row["error"],
-    )
+    return Attempt.from_record(dict(row))
 
 
 class SqliteBackend:
