@@ -68,6 +68,19 @@ class App:
                 f" {self.settings.max_skew:g}s: fix this host's time sync"
             )
 
+    def warnings(self, backend: Backend) -> list[str]:
+        """What works but may surprise: a session-bound backend (ZooKeeper) keeps a dead
+        owner's lock for the whole session timeout, however short a job's ``lock_ttl``."""
+        session = getattr(backend, "session_timeout", None)
+        if not isinstance(session, int | float):
+            return []
+        return [
+            f"jobs.{job.name}.lock_ttl {job.lock_ttl:g}s is shorter than the granted session"
+            f" timeout {session:g}s: a crashed owner keeps the lock until its session expires"
+            for job in self.jobs.values()
+            if job.lock_ttl < session
+        ]
+
     def check_capabilities(self, backend: Backend) -> None:
         """A job whose mode the backend cannot serve is refused at start, not at 2 a.m."""
         caps = backend.capabilities

@@ -131,6 +131,8 @@ def check(config: Path) -> None:
         backend = loaded.open_backend()
         try:
             loaded.check_skew(backend)
+            for warning in loaded.warnings(backend):
+                click.echo(f"singleton: warning: {warning}", err=True)
         finally:
             backend.close()
     click.echo(f"ok: {len(loaded.jobs)} jobs, backend {redact(loaded.backend_url)}")

@@ -40,7 +40,7 @@ _REGISTRY: dict[str, _Registered] = {}
 
 def check_name(name: str, where: str = "job") -> str:
     """Job and lock names share one namespace and end up in keys, paths and run IDs."""
-    if not NAME.fullmatch(name):
+    if not NAME.fullmatch(name) or name in (".", ".."):
         raise ConfigError(
             f"{where} name {name!r}: allowed characters are A-Z a-z 0-9 . _ - (1 to 128)"
         )

@@ -157,6 +157,8 @@ class Runner:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        for warning in self.app.warnings(self.backend):
+            log.warning(warning)
         log.info(
             "started",
             extra={
