@@ -11,7 +11,7 @@ run: $(VENV)/.installed
 test: servers $(VENV)/.dev
 	$(BIN)/ruff check singleton tests jobs
 	$(BIN)/mypy singleton
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile --durations=15
 
 servers:
 	scripts/install-servers
