@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from singleton import app as app_module
-from singleton.backends.base import Attempt
+from singleton import fleet
+from singleton.backends.base import Attempt, SharedState
 from singleton.clock import SYSTEM_CLOCK, iso_z, parse_iso
 from singleton.errors import BackendUnavailable, ConfigError, SingletonError
 from singleton.jobs import check_name
@@ -131,7 +132,12 @@ def check(config: Path) -> None:
         backend = loaded.open_backend()
         try:
             loaded.check_skew(backend)
-            for warning in loaded.warnings(backend):
+            warnings = loaded.warnings(backend)
+            if isinstance(backend, SharedState):
+                mine = fleet.fingerprints(loaded.jobs.values())
+                found = fleet.disagreements(fleet.published(backend), mine)
+                warnings += [fleet.describe(job, prints) for job, prints in found.items()]
+            for warning in warnings:
                 click.echo(f"singleton: warning: {warning}", err=True)
         finally:
             backend.close()
@@ -227,10 +233,17 @@ def status(config: Path, as_json: bool) -> None:
         backend = loaded.open_backend()
         try:
             jobs_now = snapshot(backend, list(loaded.jobs.values()))
+            replicas = fleet.published(backend) if isinstance(backend, SharedState) else {}
         finally:
             backend.close()
+    disagree = fleet.disagreements(replicas)
     if as_json:
-        click.echo(json.dumps({"backend": redact(loaded.backend_url), "jobs": jobs_now}, indent=2))
+        body = {
+            "backend": redact(loaded.backend_url),
+            "jobs": jobs_now,
+            "fleet": {"replicas": sorted(replicas), "disagreements": disagree},
+        }
+        click.echo(json.dumps(body, indent=2))
         return
     rows = []
     for job in jobs_now:
@@ -248,6 +261,10 @@ def status(config: Path, as_json: bool) -> None:
         )
     headers = ["job", "mode", "holder", "token", "lease left", "last run", "state"]
     click.echo(_table(headers, rows))
+    if replicas:
+        click.echo(f"\n{len(replicas)} replicas running: {', '.join(sorted(replicas))}")
+    for name, prints in disagree.items():
+        click.echo(f"warning: {fleet.describe(name, prints)}")
 
 
 @main.command()
@@ -316,7 +333,6 @@ def unlock(config: Path, name: str, force: bool, token_above: int) -> None:
             backend.close()
     evicted = f"evicted {holder.owner} (token {holder.token})" if holder else "it was free"
     click.echo(f"unlocked {name}: {evicted}; the next token will be above {counter}")
-
 
 
 @main.command()

@@ -14,10 +14,18 @@ from typing import Any
 log = logging.getLogger("singleton.events")
 
 #: Event kinds too frequent for the info log (a renewal every ttl/3 of every held lease).
-QUIET = frozenset({"renewed", "clock"})
+QUIET = frozenset({"renewed", "clock", "fleet"})
 #: Event kinds that mean something went wrong, logged at warning or error.
 WARNINGS = frozenset(
-    {"renewal_failed", "lost", "failed", "timed_out", "lost_lease", "finish_refused"}
+    {
+        "renewal_failed",
+        "lost",
+        "failed",
+        "timed_out",
+        "lost_lease",
+        "finish_refused",
+        "fleet_disagreement",
+    }
 )
 ERRORS = frozenset({"token_regression", "backend_error", "clock_skew"})
 

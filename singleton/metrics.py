@@ -92,6 +92,11 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self.fleet_disagreements = Gauge(
+            "singleton_fleet_disagreements",
+            "Jobs whose schedule, target or mode differ between live replicas.",
+            registry=r,
+        )
         self.clock_skew = Gauge(
             "singleton_clock_skew_seconds",
             "The coordinator's clock minus this host's, as last measured.",
@@ -152,6 +157,9 @@ class Metrics:
 
     def _on_token_regression(self, event: Event) -> None:
         self.regressions.labels(event.job).inc()
+
+    def _on_fleet(self, event: Event) -> None:
+        self.fleet_disagreements.set(event.fields.get("disagreements", 0))
 
     def _on_clock(self, event: Event) -> None:
         self.clock_skew.set(event.fields.get("skew", 0.0))

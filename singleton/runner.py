@@ -18,8 +18,9 @@ from types import FrameType
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from singleton import fleet
 from singleton.app import App
-from singleton.backends.base import Backend, Run
+from singleton.backends.base import Backend, Run, SharedState
 from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.events import Events, log_event
 from singleton.firing import Firer
@@ -36,8 +37,10 @@ log = logging.getLogger("singleton.runner")
 
 #: How often the ledger's retention is enforced (any replica may do it; it is idempotent).
 PRUNE_EVERY = 3600.0
-#: How often the clock skew to the coordinator is measured.
+#: How often the clock skew to the coordinator is measured and the fleet compared.
 SKEW_EVERY = 60.0
+#: How long a replica's published fingerprints outlive its last publication.
+FLEET_TTL = 3 * SKEW_EVERY
 
 
 class Runner:
@@ -114,15 +117,38 @@ class Runner:
             )
 
     def _housekeeping(self) -> None:
-        """Enforce the ledger's retention every hour and watch the clock skew to the
-        coordinator every minute; neither may ever stop the scheduler."""
+        """Enforce the ledger's retention every hour; every minute watch the clock skew to
+        the coordinator and compare this replica's jobs with the fleet's. None of it may
+        ever stop the scheduler."""
         next_prune = self.clock.monotonic()
         while not self.stopping.is_set():
             if self.clock.monotonic() >= next_prune:
                 self._prune()
                 next_prune = self.clock.monotonic() + PRUNE_EVERY
             self._check_skew()
+            self._check_fleet()
             self.clock.wait(self.stopping, SKEW_EVERY)
+        self._leave_fleet()
+
+    def _check_fleet(self) -> None:
+        if not isinstance(self.backend, SharedState):
+            return
+        try:
+            fleet.publish(self.backend, self.replica, self.app.jobs.values(), FLEET_TTL)
+            found = fleet.disagreements(fleet.published(self.backend))
+        except Exception as exc:
+            log.warning("comparing with the fleet failed", extra={"fields": {"error": str(exc)}})
+            return
+        self.events.emit("fleet", "-", disagreements=len(found))
+        for job, prints in found.items():
+            self.events.emit("fleet_disagreement", job, detail=fleet.describe(job, prints))
+
+    def _leave_fleet(self) -> None:
+        if isinstance(self.backend, SharedState):
+            try:
+                fleet.withdraw(self.backend, self.replica)
+            except Exception as exc:
+                log.warning("leaving the fleet failed", extra={"fields": {"error": str(exc)}})
 
     def _prune(self) -> None:
         retention = self.app.settings.backend

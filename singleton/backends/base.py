@@ -279,7 +279,27 @@ class Ledger(Protocol):
         ...
 
 
-class Backend(LockBackend, Ledger, Protocol):
+@runtime_checkable
+class SharedState(Protocol):
+    """Small records every replica can read: fleet fingerprints now, operator switches
+    (pause) next. Keys are ``namespace/name`` (``[A-Za-z0-9._@:/-]``, at most 256 bytes);
+    values are text of at most 1 MiB. Last write wins; no ordering across keys."""
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``; with ``ttl`` it disappears that many seconds later
+        (by the coordinator's clock where it has one; up to a second late is fine)."""
+        ...
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """Every live key that starts with ``prefix`` (full keys), with its value."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+        ...
+
+
+class Backend(LockBackend, Ledger, SharedState, Protocol):
     """A coordinator providing both the lock and the ledger, with the fused fast paths.
 
     :class:`Composed` gives the fast paths by composition; a backend that can do each in one

@@ -48,6 +48,7 @@ class MemoryBackend(Composed):
         self._slots: dict[str, _Slot] = {}
         self._runs: dict[str, list[Attempt]] = {}
         self._order: list[Attempt] = []
+        self._state: dict[str, tuple[str, float | None]] = {}
 
     def _held(self, slot: _Slot) -> bool:
         return slot.owner is not None and slot.expires > self._clock.monotonic()
@@ -193,6 +194,24 @@ class MemoryBackend(Composed):
             for row in kept:
                 self._runs.setdefault(row.run_id, []).append(row)
             return gone
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        expires = None if ttl is None else self._clock.monotonic() + ttl
+        with self._cond:
+            self._state[key] = (value, expires)
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        now = self._clock.monotonic()
+        with self._cond:
+            return {
+                key: value
+                for key, (value, expires) in self._state.items()
+                if key.startswith(prefix) and (expires is None or expires > now)
+            }
+
+    def delete(self, key: str) -> None:
+        with self._cond:
+            self._state.pop(key, None)
 
     def close(self) -> None:
         """Nothing to close: the state lives as long as the object."""

@@ -68,6 +68,12 @@ CREATE TABLE IF NOT EXISTS singleton_attempts (
 );
 CREATE INDEX IF NOT EXISTS singleton_attempts_by_job ON singleton_attempts (job, seq);
 CREATE INDEX IF NOT EXISTS singleton_attempts_by_token ON singleton_attempts (job, token);
+CREATE TABLE IF NOT EXISTS singleton_state (
+    key      TEXT PRIMARY KEY,
+    value    TEXT NOT NULL,
+    boot_id  TEXT,
+    expires  REAL
+);
 """
 
 _ACQUIRE = """
@@ -452,6 +458,11 @@ class SqliteBackend:
 
     def prune(self, before: datetime, keep: int) -> int:
         with self._tx() as conn:
+            conn.execute(
+                "DELETE FROM singleton_state WHERE expires IS NOT NULL"
+                " AND (boot_id IS NOT :boot OR expires <= :now)",
+                {"boot": self._boot, "now": self._clock.monotonic()},
+            )
             return conn.execute(
                 "DELETE FROM singleton_attempts WHERE state != :running AND (scheduled_at < :before"
                 " OR seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER"
@@ -459,6 +470,38 @@ class SqliteBackend:
                 " WHERE n > :keep))",
                 {"running": RUNNING, "before": iso_z(before), "keep": keep},
             ).rowcount
+
+    # -- shared state -------------------------------------------------------------------------
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        expires = None if ttl is None else self._clock.monotonic() + ttl
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO singleton_state (key, value, boot_id, expires) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " boot_id = excluded.boot_id, expires = excluded.expires",
+                (key, value, self._boot, expires),
+            )
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """Expiry by the same monotonic clock and boot id as leases; expired rows stay until
+        overwritten or pruned, and are never returned."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT key, value FROM singleton_state WHERE substr(key, 1, :n) = :prefix"
+                " AND (expires IS NULL OR (boot_id = :boot AND expires > :now))",
+                {
+                    "n": len(prefix),
+                    "prefix": prefix,
+                    "boot": self._boot,
+                    "now": self._clock.monotonic(),
+                },
+            ).fetchall()
+        return {row["key"]: row["value"] for row in rows}
+
+    def delete(self, key: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM singleton_state WHERE key = ?", (key,))
 
     def server_time(self) -> datetime | None:
         """None: the database is on this host, and so is its clock."""

@@ -409,3 +409,43 @@ class BackendContract:
         backend.claim(run, self.acquire(backend, name))
         backend.prune(datetime(2026, 1, 1, tzinfo=UTC), keep=0)
         assert [a.state for a in backend.attempts(run.run_id)] == [RUNNING]
+
+
+class SharedStateContract:
+    """The :class:`~singleton.backends.base.SharedState` obligations (fleet fingerprints,
+    operator switches). Mixed into a backend's contract class next to
+    :class:`BackendContract`, whose fixtures it uses."""
+
+    def test_put_then_scan_finds_the_value(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        backend.put(f"{name}/r1", "abc")
+        assert other.scan(f"{name}/") == {f"{name}/r1": "abc"}
+
+    def test_put_overwrites(self, backend: Backend, name: str) -> None:
+        backend.put(f"{name}/r1", "old")
+        backend.put(f"{name}/r1", "new")
+        assert backend.scan(f"{name}/") == {f"{name}/r1": "new"}
+
+    def test_scan_keeps_to_its_prefix(self, backend: Backend, name: str) -> None:
+        backend.put(f"{name}/a/1", "x")
+        backend.put(f"{name}/b/1", "y")
+        assert backend.scan(f"{name}/a/") == {f"{name}/a/1": "x"}
+
+    def test_a_value_with_a_ttl_disappears(self, backend: Backend, name: str) -> None:
+        backend.put(f"{name}/short", "x", ttl=1.0)
+        backend.put(f"{name}/long", "y")
+        assert set(backend.scan(f"{name}/")) == {f"{name}/short", f"{name}/long"}
+        time.sleep(2.2)
+        assert backend.scan(f"{name}/") == {f"{name}/long": "y"}
+
+    def test_delete_removes_and_tolerates_a_missing_key(self, backend: Backend, name: str) -> None:
+        backend.put(f"{name}/r1", "x")
+        backend.delete(f"{name}/r1")
+        backend.delete(f"{name}/never")
+        assert backend.scan(f"{name}/") == {}
+
+    def test_a_large_value_survives(self, backend: Backend, name: str) -> None:
+        value = "0123456789abcdef" * 16384
+        backend.put(f"{name}/big", value)
+        assert backend.scan(f"{name}/big") == {f"{name}/big": value}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from singleton.backends.memory import MemoryBackend
-from singleton.testing.contract import BackendContract, BackendFactory
+from singleton.testing.contract import BackendContract, BackendFactory, SharedStateContract
 
 
-class TestMemoryBackend(BackendContract):
+class TestMemoryBackend(BackendContract, SharedStateContract):
     @pytest.fixture
     def backend_factory(self) -> BackendFactory:
         shared = MemoryBackend()

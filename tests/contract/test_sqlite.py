@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from singleton.backends.sqlite import SqliteBackend
-from singleton.testing.contract import BackendContract, BackendFactory
+from singleton.testing.contract import BackendContract, BackendFactory, SharedStateContract
 
 
-class TestSqliteBackend(BackendContract):
+class TestSqliteBackend(BackendContract, SharedStateContract):
     @pytest.fixture
     def backend_factory(self, tmp_path: Path) -> BackendFactory:
         url = f"sqlite:///{tmp_path / 'state.db'}"
