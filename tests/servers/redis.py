@@ -199,3 +199,25 @@ def commands_between(before: dict[str, int], after: dict[str, int]) -> dict[str,
         for name in after
         if after[name] != before.get(name, 0)
     }
+
+
+@contextmanager
+def redis_servers(workdir: Path, count: int = 3, aof: bool = False) -> Iterator[list[RedisServer]]:
+    """``count`` independent ``redis-server`` processes (Redlock's masters), each in its own
+    dir under ``workdir``; every one started is stopped at exit, even if a later one failed."""
+    servers: list[RedisServer] = []
+    try:
+        for i in range(count):
+            server = RedisServer(workdir / f"node{i}", aof=aof)
+            servers.append(server)
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def redlock_url(servers: Sequence[RedisServer], auth: str = "") -> str:
+    """``redlock://[auth@]127.0.0.1:P1,127.0.0.1:P2,…/0`` for ``servers``."""
+    nodes = ",".join(f"127.0.0.1:{server.port}" for server in servers)
+    return f"redlock://{auth + '@' if auth else ''}{nodes}/0"
