@@ -86,9 +86,10 @@ class App:
         caps = backend.capabilities
         for job in self.jobs.values():
             if job.mode == "ownership" and not caps.fencing:
+                why = f" ({caps.fencing_note})" if caps.fencing_note else ""
                 raise ConfigError(
                     f"jobs.{job.name}: mode ownership needs a backend with fencing;"
-                    f" {redact(self.settings.backend.url)} has none"
+                    f" {redact(self.settings.backend.url)} has none{why}"
                 )
             if job.lock_ttl < caps.min_ttl:
                 raise ConfigError(

@@ -105,6 +105,7 @@ def test_an_ownership_job_is_refused_at_start_with_one_line(
     message = str(caught.value)
     assert message.startswith("jobs.shard: mode ownership needs a backend with fencing;")
     assert "redlock://u:***@127.0.0.1:" in message and "s3cret" not in message
+    assert "its safety rests on timing assumptions" in message
     assert "\n" not in message
     for mode in ("singleton", "efficiency"):
         load(write_config(tmp_path / f"{mode}.yaml", url, mode)).open_backend().close()

@@ -195,6 +195,8 @@ class Capabilities:
     shared: bool
     notify: bool
     min_ttl: float = 0.0
+    #: Why ``fencing`` is False, for the one-line refusal of an ``ownership`` job.
+    fencing_note: str = ""
 
 
 @runtime_checkable

@@ -70,6 +70,11 @@ from singleton.errors import BackendError, BackendUnavailable, ConfigError, Leas
 from singleton.urls import redact
 
 DEFAULT_PREFIX = "default"
+#: Why a Redis without durable writes cannot fence (see docs/backends/redis.md).
+NO_FENCING = (
+    "its token counter is not durable: it needs appendonly yes, appendfsync always and no"
+    " allkeys-* eviction, or 'durable: true' where CONFIG is disabled"
+)
 #: Socket and connect timeout of every command, in seconds.
 DEFAULT_TIMEOUT = 0.5
 #: How many attempts each ``prune`` script examines at most, so no script blocks Redis long.
@@ -167,7 +172,7 @@ class KeySpace:
 # -- scripts ----------------------------------------------------------------------------------
 
 # Helpers shared by the ledger scripts (prepended to them; a script cannot call another).
-_LEDGER_LIB = """
+LEDGER_LIB = """
 local function read(key)
   local row = redis.call('HGETALL', key)
   if #row == 0 then return false end
@@ -293,7 +298,7 @@ return counter
     #       scheduled_at, scheduled epoch, now
     # → {latest, attempt, highest} | error 'lease lost'
     CLAIM = (
-        _LEDGER_LIB
+        LEDGER_LIB
         + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('lease lost') end
 return claim(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6],
@@ -307,7 +312,7 @@ return claim(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARG
     # → {0, counter} busy | {1, token, latest, attempt, highest}
     ACQUIRE_AND_CLAIM = (
         _ACQUIRE_LIB
-        + _LEDGER_LIB
+        + LEDGER_LIB
         + """
 local got = acquire(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 if got[1] == 0 then return got end
@@ -337,7 +342,7 @@ return done
     # ARGV: attempt prefix, run ID, job, replica, scheduled_at, scheduled epoch, reason, now
     # → 1 written | 0 the run has an attempt already
     SKIP = (
-        _LEDGER_LIB
+        LEDGER_LIB
         + """
 if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return 0 end
 insert(KEYS[1], KEYS[2], ARGV[1], ARGV[2], 1, {
@@ -672,7 +677,7 @@ def _flag(value: object, what: str) -> bool | None:
     raise ConfigError(f"backend.{what}: want true or false, got {value!r}")
 
 
-def _seconds(value: object, what: str) -> float:
+def seconds_option(value: object, what: str) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
         raise ConfigError(f"backend.{what}: must be above zero, got {value!r}")
@@ -770,7 +775,7 @@ class RedisBackend:
         self.url = url
         self.keys = KeySpace(str(prefix))
         self._clock = clock
-        self._timeout = _seconds(timeout, "timeout")
+        self._timeout = seconds_option(timeout, "timeout")
         declared = _flag(durable, "durable")
         self._client = connect(url, self._timeout)
         self.scripts = Scripts(self._client)
@@ -797,7 +802,11 @@ class RedisBackend:
         # off); the operator's declaration where it cannot.
         fencing = bool(declared) if detected is None else detected and declared is not False
         self.capabilities = Capabilities(
-            fencing=fencing, shared=True, notify=True, min_ttl=2 * self._timeout
+            fencing=fencing,
+            shared=True,
+            notify=True,
+            min_ttl=2 * self._timeout,
+            fencing_note="" if fencing else NO_FENCING,
         )
         self._observed: dict[str, int] = {}
         self._known_jobs: set[str] = set()

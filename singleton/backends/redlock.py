@@ -69,14 +69,14 @@ from singleton.backends.base import (
     lease_deadline,
 )
 from singleton.backends.redis import (
-    _LEDGER_LIB,
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
+    LEDGER_LIB,
     JobKeys,
     KeySpace,
     Scripts,
-    _seconds,
     connect,
+    seconds_option,
     translated,
 )
 from singleton.clock import SYSTEM_CLOCK, Clock
@@ -107,7 +107,7 @@ T = TypeVar("T")
 # Copies a run's rows from a node that has them. A row is taken where it is missing or less
 # settled (skipped < running < ended), so a copy never moves an attempt back.
 ADOPT = (
-    _LEDGER_LIB
+    LEDGER_LIB
     + """
 local function rank(state)
   if state == 'skipped' then return 0 end
@@ -256,7 +256,7 @@ class RedlockBackend(Composed):
         self.url = url
         self.keys = KeySpace(str(prefix))
         self._clock = clock
-        self._timeout = _seconds(timeout, "timeout")
+        self._timeout = seconds_option(timeout, "timeout")
         listed = node_urls(url)
         self._nodes = [_Node.open(address, node_url, self._timeout) for address, node_url in listed]
         self.quorum = len(self._nodes) // 2 + 1
@@ -269,7 +269,12 @@ class RedlockBackend(Composed):
             self.close()
             raise
         self.capabilities = Capabilities(
-            fencing=False, shared=True, notify=False, min_ttl=2 * self._timeout
+            fencing=False,
+            shared=True,
+            notify=False,
+            min_ttl=2 * self._timeout,
+            fencing_note="a quorum of independent counters gives no ordered token; its safety"
+            " rests on timing assumptions",
         )
         self._known_jobs: set[str] = set()
 
