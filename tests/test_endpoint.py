@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.replicas import Fleet, fleet, wait_for
 from tests.servers import free_port
+from tests.servers.redis import redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +93,23 @@ def test_status_shows_next_fire_times_and_the_last_attempt(sidecar: tuple[Fleet,
 def test_an_unknown_path_is_404(sidecar: tuple[Fleet, int]) -> None:
     _, port = sidecar
     assert get(port, "/nope")[0] == 404
+
+
+@pytest.mark.server
+def test_a_stopped_coordinator_shows_in_status_but_not_in_readyz(tmp_path: Path) -> None:
+    port = free_port()
+    jobs = {"tick": {"every": "1s", "command": ["true"]}}
+    settings = {"server": {"listen": f"127.0.0.1:{port}"}}
+    with (
+        redis_server(tmp_path / "redis", aof=True) as redis,
+        fleet(tmp_path, redis.url, jobs, **settings) as group,
+    ):
+        group.start("r1")
+        wait_for("the endpoint", lambda: get(port, "/readyz")[0] == 200, timeout=20)
+        redis.stop()
+        status, text = get(port, "/status")
+        assert status == 200
+        backend = json.loads(text)["backend"]
+        assert backend["reachable"] is False and backend["error"]
+        assert get(port, "/readyz") == (200, "ok\n")
+        assert get(port, "/healthz") == (200, "ok\n")
