@@ -352,6 +352,14 @@ class Firer:
         while True:
             if claim.attempt is not None:
                 owned.attempt = claim.attempt.attempt
+                self.events.emit(
+                    "claimed",
+                    run.job,
+                    run.run_id,
+                    claim.attempt.token,
+                    attempt=claim.attempt.attempt,
+                    previous=claim.latest.state if claim.latest else None,
+                )
                 outcome = self._execute(job, run, owned, claim.attempt)
                 if not self._retry_after(job, outcome, claim.attempt, owned):
                     return outcome
