@@ -29,6 +29,13 @@ Why these choices:
   has one subscriber connection (a pattern over its prefix) and one listener thread. A
   missed message (a lease that simply expired, a reconnect) costs at most the caller's
   bounded wait.
+* Shared state (fleet fingerprints, operator switches) is one hash of values, one sorted
+  set of the keys at score 0 (``ZRANGEBYLEX`` finds a prefix in O(log n + found), never a
+  walk of the keyspace) and one sorted set of deadlines by the server's ``TIME``, all under
+  one hash tag (:class:`StateKeys`), so every state script names all it touches. A read
+  skips an entry past its deadline; each write and ``prune`` delete a bounded batch of
+  those. No thread, and no Redis key expiry: one key per entry with ``PX`` would leave its
+  index member behind when Redis expired it, and a hash field has no TTL before Redis 7.4.
 * Socket and connect timeouts are short (``timeout``, default 0.5 s) and redis-py retries
   a failed connection once, at once, on a new socket: a cut connection costs one retry, a
   paused or partitioned server a ``BackendUnavailable`` after ``timeout`` (timeouts are not
@@ -79,6 +86,9 @@ NO_FENCING = (
 DEFAULT_TIMEOUT = 0.5
 #: How many attempts each ``prune`` script examines at most, so no script blocks Redis long.
 PRUNE_BATCH = 500
+#: Expired shared-state entries each ``put`` deletes at most: every entry was written by a
+#: put, so this keeps up with them, and no put pays for a backlog in one go.
+STATE_PURGE_BATCH = 10
 #: Longest a woken standby waits before it returns, so fifty of them do not all try at once.
 WAKE_JITTER = 0.05
 #: Back-off of the listener thread while it cannot reach the server.
@@ -138,6 +148,36 @@ class JobKeys:
 
 
 @dataclass(frozen=True)
+class StateKeys:
+    """The keys of the shared state (:class:`~singleton.backends.base.SharedState`). They
+    share the hash tag ``{@state}``, which no job can have (``@`` is not allowed in a job
+    name), so every state script touches one Cluster slot of its own."""
+
+    base: str  # "singleton:<prefix>:{@state}:"
+
+    @property
+    def values(self) -> str:
+        """Hash: key → value."""
+        return self.base + "values"
+
+    @property
+    def index(self) -> str:
+        """Sorted set: every key, at score 0, so ``ZRANGEBYLEX`` finds a prefix's keys."""
+        return self.base + "index"
+
+    @property
+    def expires(self) -> str:
+        """Sorted set: key → its deadline in ms by the server's ``TIME``, for keys put with a
+        TTL only."""
+        return self.base + "expires"
+
+    @property
+    def all(self) -> list[str]:
+        """The KEYS of every state script, in this order."""
+        return [self.values, self.index, self.expires]
+
+
+@dataclass(frozen=True)
 class KeySpace:
     """Where one ``prefix`` keeps its keys: several applications can share one Redis."""
 
@@ -159,6 +199,10 @@ class KeySpace:
         """Set of job names with a ledger, for ``history`` of all jobs and ``prune``. It has
         no hash tag of its own: only plain commands touch it, never a script."""
         return self.root + "jobs"
+
+    @property
+    def state(self) -> StateKeys:
+        return StateKeys(f"{self.root}{{@state}}:")
 
     @property
     def released(self) -> str:
@@ -250,6 +294,54 @@ local function finish(key, token, state, err, now)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   if err ~= '' then redis.call('HSET', key, 'error', err) end
   return 1
+end
+"""
+
+
+# Helpers of the shared-state scripts (prepended to them). KEYS of every one: values,
+# index, expires (StateKeys.all). Keys are ASCII (SharedState), so '\255' sorts above every
+# key that starts with a prefix, and ZRANGEBYLEX reads exactly that prefix's keys.
+STATE_LIB = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function forget(values, index, expires, key)
+  redis.call('HDEL', values, key)
+  redis.call('ZREM', index, key)
+  redis.call('ZREM', expires, key)
+end
+
+-- Deletes up to `batch` entries whose deadline has passed; how many went.
+local function purge(values, index, expires, now, batch)
+  local gone = redis.call('ZRANGEBYSCORE', expires, '-inf', now, 'LIMIT', 0, batch)
+  for _, key in ipairs(gone) do forget(values, index, expires, key) end
+  return #gone
+end
+
+-- ttl: ms, or '' for none (a deadline left by an earlier put goes).
+local function store(values, index, expires, key, value, ttl, now)
+  redis.call('HSET', values, key, value)
+  redis.call('ZADD', index, 0, key)
+  if ttl == '' then
+    redis.call('ZREM', expires, key)
+  else
+    redis.call('ZADD', expires, now + tonumber(ttl), key)
+  end
+end
+
+-- {key, value, ...}: the entries under `prefix` whose deadline, if any, is after `now`.
+local function range(values, index, expires, prefix, now)
+  local found = {}
+  for _, key in ipairs(redis.call('ZRANGEBYLEX', index, '[' .. prefix, '(' .. prefix .. '\\255')) do
+    local deadline = redis.call('ZSCORE', expires, key)
+    if not deadline or tonumber(deadline) > now then
+      found[#found + 1] = key
+      found[#found + 1] = redis.call('HGET', values, key)
+    end
+  end
+  return found
 end
 """
 
@@ -404,6 +496,28 @@ if #members < 2 * tonumber(ARGV[5]) then return {deleted, false} end
 return {deleted, members[#members]}
 """
 
+    # KEYS: values, index, expires   ARGV: key, value, ttl (ms, '' for none), purge batch
+    # Expired entries are deleted a few at a time here, so none pile up without a thread.
+    STATE_PUT = (
+        STATE_LIB
+        + """
+local now = now_ms()
+purge(KEYS[1], KEYS[2], KEYS[3], now, tonumber(ARGV[4]))
+store(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], now)
+return 1
+"""
+    )
+
+    # KEYS: values, index, expires   ARGV: prefix   → {key, value, …} live under the prefix
+    # Read-only: an expired entry is skipped, not deleted (puts and prune do that).
+    STATE_SCAN = STATE_LIB + "return range(KEYS[1], KEYS[2], KEYS[3], ARGV[1], now_ms())"
+
+    # KEYS: values, index, expires   ARGV: key   → 1
+    STATE_DELETE = STATE_LIB + "forget(KEYS[1], KEYS[2], KEYS[3], ARGV[1]) return 1"
+
+    # KEYS: values, index, expires   ARGV: batch   → how many expired entries went
+    STATE_PURGE = STATE_LIB + "return purge(KEYS[1], KEYS[2], KEYS[3], now_ms(), ARGV[1])"
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._scripts = {
@@ -422,6 +536,10 @@ return {deleted, members[#members]}
                 "ATTEMPTS",
                 "HISTORY",
                 "PRUNE",
+                "STATE_PUT",
+                "STATE_SCAN",
+                "STATE_DELETE",
+                "STATE_PURGE",
             )
         }
 
@@ -574,6 +692,28 @@ return {deleted, members[#members]}
             if last is None:
                 return gone
             after = last
+
+    # -- shared state -------------------------------------------------------------------------
+
+    def state_put(self, keys: StateKeys, key: str, value: str, ttl: float | None) -> None:
+        ttl_ms = "" if ttl is None else _ms(ttl)
+        self.run("STATE_PUT", keys.all, [key, value, ttl_ms, STATE_PURGE_BATCH])
+
+    def state_scan(self, keys: StateKeys, prefix: str) -> dict[str, str]:
+        found = self.run("STATE_SCAN", keys.all, [prefix])
+        return dict(zip(found[::2], found[1::2], strict=True))
+
+    def state_delete(self, keys: StateKeys, key: str) -> None:
+        self.run("STATE_DELETE", keys.all, [key])
+
+    def state_purge(self, keys: StateKeys) -> int:
+        """Delete every expired entry, :data:`PRUNE_BATCH` per round trip."""
+        gone = 0
+        while True:
+            went = int(self.run("STATE_PURGE", keys.all, [PRUNE_BATCH]))
+            gone += went
+            if went < PRUNE_BATCH:
+                return gone
 
 
 def _ms(seconds: float) -> int:
@@ -755,7 +895,8 @@ class _Listener:
 
 
 class RedisBackend:
-    """Locks and ledger on one Redis server (or one Cluster slot per job).
+    """Locks, ledger and shared state on one Redis server (or one Cluster slot per job, and
+    one for the shared state).
 
     Options (``backend:`` keys beside ``url``): ``prefix`` (default ``default``): keys live
     under ``singleton:<prefix>:`` so several applications can share one Redis; ``timeout``
@@ -1003,11 +1144,33 @@ class RedisBackend:
         return rows[:limit] if limit else rows
 
     def prune(self, before: datetime, keep: int) -> int:
+        """Retention per job; also deletes every expired shared-state entry (not counted:
+        the count is of attempts)."""
         gone = 0
         for name in self._jobs():
             with self._errors():
                 gone += self.scripts.prune(self.keys.job(name), before, keep)
+        with self._errors():
+            self.scripts.state_purge(self.keys.state)
         return gone
+
+    # -- shared state -----------------------------------------------------------------------
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        """One script: the value, its key in the prefix index, and its deadline by the
+        server's ``TIME`` (so replica clocks do not matter); a few expired entries go too."""
+        with self._errors():
+            self.scripts.state_put(self.keys.state, key, value, ttl)
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """A ``ZRANGEBYLEX`` of the prefix (bounded by what it finds, not by the keyspace),
+        skipping entries past their deadline."""
+        with self._errors():
+            return self.scripts.state_scan(self.keys.state, prefix)
+
+    def delete(self, key: str) -> None:
+        with self._errors():
+            self.scripts.state_delete(self.keys.state, key)
 
     def server_time(self) -> datetime | None:
         with self._errors():
