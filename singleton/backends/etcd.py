@@ -17,6 +17,10 @@ How the lock maps onto etcd (compare etcd's ``concurrency.Mutex``):
   block: a Mutex waiter at the head of the queue *is* the owner, so a standby that gave up
   would hold the lock; here it only delays its successor's wake-up until its short lease ends.
 
+Shared state (fleet fingerprints, operator switches) is ``{prefix}/state/{key}``, one etcd key
+per entry, so a scan is one range read of the keys under its prefix. A value with a TTL is put
+with an etcd lease of its own: it disappears on the leader's clock, with nothing to sweep here.
+
 Time: etcd grants TTLs in whole seconds, at least 1.5 x its election timeout (2 s with the
 defaults), measured by the leader's monotonic clock; a new leader restarts every lease's
 countdown, and expired leases are swept every 500 ms. So a server lease only ever outlives the
@@ -205,7 +209,8 @@ def _text(data: str) -> str:
 def _prefix_end(prefix: str) -> bytes:
     """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
     raw = prefix.encode()
-    return raw[:-1] + bytes([raw[-1] + 1])  # our prefixes end with "/", never 0xff
+    # Our prefixes end with "/" or a shared-state key character (ASCII), never 0xff.
+    return raw[:-1] + bytes([raw[-1] + 1])
 
 
 def _padded(token: int) -> str:
@@ -220,9 +225,13 @@ def _get(
     by: str | None = None,
     newest_first: bool = False,
     created_before: int = 0,
+    keys_only: bool = False,
 ) -> Json:
-    """A range request; ``by`` is ``"CREATE"`` or ``"KEY"``."""
+    """A range request; ``by`` is ``"CREATE"`` or ``"KEY"``; ``keys_only`` leaves the values
+    out (a key's lease is still there)."""
     request: Json = {"key": _b64(key)}
+    if keys_only:
+        request["keys_only"] = True
     if end is not None:
         request["range_end"] = _b64(end)
     if limit:
@@ -246,8 +255,8 @@ def _put(key: str, value: str, lease: int = 0) -> Json:
     return {"request_put": request}
 
 
-def _delete(key: str, end: bytes | None = None) -> Json:
-    request: Json = {"key": _b64(key), "prev_kv": True}
+def _delete(key: str, end: bytes | None = None, *, prev_kv: bool = True) -> Json:
+    request: Json = {"key": _b64(key), "prev_kv": prev_kv}
     if end is not None:
         request["range_end"] = _b64(end)
     return {"request_delete_range": request}
@@ -330,6 +339,23 @@ def _first(result: Json) -> _KV | None:
 
 def _revision(reply: Json) -> int:
     return int(reply["header"]["revision"])
+
+
+def _stored(value: str, ttl: float | None = None, granted: int = 0) -> str:
+    """A shared-state value as kept in etcd: a header line, then the value. The header is
+    empty without a TTL, else the TTL asked for and the one etcd granted (``1.0 2``), which
+    :meth:`EtcdBackend.scan` compares: etcd rounds a lease up to whole seconds and its minimum.
+    A header line rather than JSON, so that a 1 MiB value is not inflated by escaping past
+    etcd's request limit (1.5 MiB by default)."""
+    return (f"{ttl!r} {granted}" if ttl is not None else "") + "\n" + value
+
+
+def _overshoot(header: str) -> float:
+    """How much longer than asked the lease of a stored value was granted (0: no TTL)."""
+    if not header:
+        return 0.0
+    ttl, granted = header.split()
+    return int(granted) - float(ttl)
 
 
 def _encode(attempt: Attempt) -> str:
@@ -643,6 +669,9 @@ class EtcdBackend(Composed):
     def _attempt_key(self, run_id: str, attempt: int) -> str:
         return f"{self._run_dir(run_id)}{attempt:08d}"
 
+    def _state(self, key: str = "") -> str:
+        return f"{self._prefix}/state/{key}"
+
     # -- requests -------------------------------------------------------------------------------
 
     def _txn(self, compare: list[Json], success: list[Json], failure: list[Json]) -> Json:
@@ -665,6 +694,12 @@ class EtcdBackend(Composed):
     def _keepalive(self, lease: int) -> int:
         """Refresh an etcd lease; its TTL now, 0 or less when it is gone."""
         reply = self._gateway.call("/v3/lease/keepalive", {"ID": str(lease)}, replayable=True)
+        return int(reply.get("TTL", 0))
+
+    def _time_to_live(self, lease: int) -> int:
+        """Whole seconds (rounded down) the lease has left on the leader's clock; -1 when it
+        is gone. proto3 leaves a TTL of 0 out of the reply."""
+        reply = self._gateway.call("/v3/lease/timetolive", {"ID": str(lease)}, replayable=True)
         return int(reply.get("TTL", 0))
 
     def _revoke(self, lease: int) -> None:
@@ -765,8 +800,7 @@ class EtcdBackend(Composed):
         kv, offset = self._holder_kv(name)
         if kv is None:
             return None
-        reply = self._gateway.call("/v3/lease/timetolive", {"ID": str(kv.lease)}, replayable=True)
-        left = int(reply.get("TTL", 0))
+        left = self._time_to_live(kv.lease)
         if left < 0:
             return None  # the lease ended between the two reads
         # etcd reports whole seconds, rounded down: under one second left reads as 0.
@@ -1027,6 +1061,54 @@ class EtcdBackend(Composed):
         for start in range(0, len(doomed), PRUNE_BATCH):
             self._txn([], [_delete(key) for key in doomed[start : start + PRUNE_BATCH]], [])
         return len(doomed)
+
+    # -- shared state ---------------------------------------------------------------------------
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        """With a TTL, the key is put with a new etcd lease of that TTL (whole seconds, at
+        least etcd's minimum), and the lease of the value it replaced is revoked: a key
+        rewritten every minute leaves no trail of live leases behind it. One transaction reads
+        the old key's lease (not its value, which may be a MiB) and writes the new one."""
+        if ttl is not None and ttl <= 0:
+            self.delete(key)
+            return
+        lease = granted = 0
+        if ttl is not None:
+            lease, granted = self._grant(ttl)
+        path = self._state(key)
+        reply = self._txn(
+            [], [_get(path, keys_only=True), _put(path, _stored(value, ttl, granted), lease)], []
+        )
+        self._revoke_leases(_results(reply)[0], keep=lease)
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """One range read of the keys under ``{prefix}/state/{prefix}``. Expired keys are
+        gone with their leases, up to 500 ms after the TTL etcd granted (its expiry sweep).
+        Where etcd granted a second or more beyond the TTL asked for (a TTL under its 2 s
+        minimum), the lease is asked how long it has left — the leader's clock, in whole
+        seconds rounded down — and the key is hidden once that is less than the excess."""
+        results, _ = self._read(_get_prefix(self._state(prefix)))
+        found: dict[str, str] = {}
+        for kv in _kvs(results[0]):
+            header, _, value = kv.value.partition("\n")
+            if kv.lease and (excess := _overshoot(header)) >= 1:
+                if self._time_to_live(kv.lease) + 1 <= excess:
+                    continue
+            found[kv.key.removeprefix(self._state())] = value
+        return found
+
+    def delete(self, key: str) -> None:
+        path = self._state(key)
+        # The lease from a keys-only read: prev_kv would bring back the value too.
+        reply = self._txn([], [_get(path, keys_only=True), _delete(path, prev_kv=False)], [])
+        self._revoke_leases(_results(reply)[0])
+
+    def _revoke_leases(self, found: Json, keep: int = 0) -> None:
+        """Revoke the leases of the shared-state keys in a range result: each one had a lease
+        of its own, which nothing uses once the key is replaced or deleted."""
+        for kv in _kvs(found):
+            if kv.lease and kv.lease != keep:
+                self._revoke(kv.lease)
 
     def server_time(self) -> datetime | None:
         """None: the v3 API carries no time at all (a reply's header holds cluster and member

@@ -11,7 +11,7 @@ import pytest
 
 from singleton.backends.base import Lease
 from singleton.backends.etcd import EtcdBackend
-from singleton.testing.contract import BackendContract, BackendFactory
+from singleton.testing.contract import BackendContract, BackendFactory, SharedStateContract
 from tests.servers.etcd import EtcdCluster, etcd_cluster
 
 pytestmark = pytest.mark.server
@@ -27,7 +27,7 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         yield cluster
 
 
-class TestEtcdBackend(BackendContract):
+class TestEtcdBackend(BackendContract, SharedStateContract):
     #: etcd grants whole seconds, 2 s at least.
     short_ttl = 2.0
 
