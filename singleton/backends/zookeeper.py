@@ -34,6 +34,12 @@ Why these choices:
   on the attempt number is a ``create`` that fails if the attempt exists, and every read the
   decision rests on is pinned by a version check in the same ``multi`` (reads may come from a
   follower that lags; the ``multi`` always goes through the leader).
+* **Shared state is znodes too**: ``{prefix}/state/{namespace}/{name}``, one node per key, so a
+  scan lists one namespace's children, never the whole tree. A TTL is kept in the node's data
+  and measured from the node's ``mtime``, the leader's clock when it wrote the value, against
+  the ``mtime`` of a write the scan makes first: ZooKeeper's TTL nodes are off unless the
+  servers enable them, and no replica's clock takes part. Expired nodes are deleted by the
+  scans that find them (and by ``prune``).
 * **Session states**: SUSPENDED (connection lost) means the lease is in doubt: renewals raise
   :class:`BackendUnavailable`, so the lease keeper lets the deadline run out unless the
   session reconnects first. LOST (the servers expired the session) means every lease of this
@@ -42,6 +48,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -107,6 +114,13 @@ CONNECTION_POLL = 0.1
 RETRY_AFTER = 0.2
 #: ZooKeeper refuses a znode over 1 MB (``jute.maxbuffer``): an attempt's error is cut here.
 MAX_ERROR = 65536
+#: The most bytes of data and path a shared-state put sends. A server drops the connection of
+#: a request over its ``jute.maxbuffer`` (1 MiB - 1 by default), which would put every lease of
+#: this session in doubt until it reconnects; 1 KiB is left for the rest of the request (ACLs).
+MAX_STATE = 0xFFFFF - 1024
+#: Shared-state node names escape what a key may hold but a node name may not: ``/`` (a key's
+#: name may have several parts) and a whole name of ``.`` or ``..`` (reserved), or empty.
+_ESCAPES = {"": "%", ".": "%2E", "..": "%2E%2E"}
 
 _UNREACHABLE = (
     KazooTimeoutError,
@@ -178,6 +192,18 @@ def _sequence(child: str) -> str:
 def _holder(children: list[str]) -> str | None:
     """The lowest ``lock-`` node: the one holding the lock."""
     return min((c for c in children if c.startswith(LOCK)), key=_sequence, default=None)
+
+
+def _state_node(part: str) -> str:
+    """A namespace or a name of a shared-state key as one node name. Keys never hold ``%``,
+    so every ``%`` in a node name is an escape of ours."""
+    escaped = part.replace("/", "%2F")
+    return _ESCAPES.get(escaped, escaped)
+
+
+def _state_part(node: str) -> str:
+    """The inverse of :func:`_state_node`."""
+    return "" if node == "%" else unquote(node)
 
 
 def _encode(attempt: Attempt) -> bytes:
@@ -286,7 +312,7 @@ class ZookeeperBackend(Composed):
             raise BackendUnavailable(f"zookeeper {self._where}: no server answered") from exc
         try:
             self._negotiation.wait(self._requested)
-            for folder in ("locks", "runs"):
+            for folder in ("locks", "runs", "state"):
                 path = f"{self._target.prefix}/{folder}"
                 self._wait(client.ensure_path_async(path), f"create {path}")
                 # exists (inside ensure_path) needs no permission; reading does.
@@ -918,6 +944,9 @@ class ZookeeperBackend(Composed):
         return rows[:limit] if limit else rows
 
     def prune(self, before: datetime, keep: int) -> int:
+        """Also deletes expired shared state, by a scan of every namespace: a namespace that
+        nobody scans would otherwise keep its expired nodes."""
+        self.scan("")
         self._ensure_connected()
         self._synced()
         gone = 0
@@ -939,6 +968,89 @@ class ZookeeperBackend(Composed):
                 except NotEmptyError:
                     pass  # a new attempt arrived meanwhile
         return gone
+
+    # -- shared state -----------------------------------------------------------------------
+
+    def _state_path(self, key: str) -> str:
+        namespace, slash, name = key.partition("/")
+        if not slash:
+            raise ValueError(f"shared-state key {key!r}: want namespace/name")
+        return f"{self._target.prefix}/state/{_state_node(namespace)}/{_state_node(name)}"
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        """The node's data is a header line (the TTL in seconds, empty without one) and the
+        value: a line rather than JSON, so that escaping cannot push a value towards the
+        1 MiB a znode may hold (``jute.maxbuffer``). A value too large for that is refused
+        here, before ZooKeeper drops the connection over it (:data:`MAX_STATE`)."""
+        path = self._state_path(key)
+        data = ("" if ttl is None else repr(float(ttl))).encode() + b"\n" + value.encode()
+        if len(data) + len(path.encode()) > MAX_STATE:
+            raise BackendError(
+                f"zookeeper {self._where}: put {key!r}: {len(value.encode())} bytes is more"
+                f" than a znode takes (jute.maxbuffer, about {MAX_STATE} bytes with its path)"
+            )
+        self._ensure_connected()
+        for _ in range(CAS_TRIES):
+            try:
+                self._wait(self._client.set_async(path, data), "put")
+                return
+            except NoNodeError:
+                pass
+            try:
+                self._wait(self._client.create_async(path, data, makepath=True), "put")
+                return
+            except NodeExistsError:
+                continue  # created meanwhile by another replica: overwrite it
+        raise BackendError(f"zookeeper {self._where}: put {key!r}: the node kept changing")
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """The nodes of the namespace that ``prefix`` names (or, for a prefix without ``/``,
+        of every namespace starting with it), read in one pipelined round trip.
+
+        Expiry is on the leader's clock: a node's ``mtime`` plus its TTL, against the
+        ``mtime`` the leader stamps on the state folder as this scan first touches it. That
+        write also has this session's server catch up with every write before it, so the scan
+        sees every put that returned before it began. Expired nodes found are deleted, each
+        only if no put has rewritten it since (its version), and only as far as ZooKeeper
+        can be reached now: what is left goes at a later scan."""
+        folder = f"{self._target.prefix}/state"
+        namespace, slash, _ = prefix.partition("/")
+        self._ensure_connected()
+        now = self._wait(self._client.set_async(folder, b""), "read the leader's clock").mtime
+        if slash:
+            namespaces = [namespace]
+        else:
+            listed = map(_state_part, self._children(folder, "scan"))
+            namespaces = [found for found in listed if found.startswith(namespace)]
+        reads = []
+        for space in namespaces:
+            space_dir = f"{folder}/{_state_node(space)}"
+            for node in self._children(space_dir, "scan"):
+                key = f"{space}/{_state_part(node)}"
+                if key.startswith(prefix):
+                    path = f"{space_dir}/{node}"
+                    reads.append((key, path, self._client.get_async(path)))
+        found: dict[str, str] = {}
+        expired = []
+        for key, path, pending in reads:
+            got = self._gather(pending, None)
+            if got is None:
+                continue  # deleted since it was listed
+            data, stat = got
+            header, _, value = bytes(data).partition(b"\n")
+            if header and stat.mtime + float(header) * 1000 <= now:
+                expired.append(self._client.delete_async(path, stat.version))
+            else:
+                found[key] = value.decode()
+        for pending in expired:
+            with contextlib.suppress(NoNodeError, BadVersionError, BackendError):
+                self._wait(pending, "delete expired shared state")
+        return found
+
+    def delete(self, key: str) -> None:
+        path = self._state_path(key)
+        self._ensure_connected()
+        self._delete(path, "delete")
 
     def server_time(self) -> datetime | None:
         """None. ZooKeeper has no clock to ask: the only server times it shows are the

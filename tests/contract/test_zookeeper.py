@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from singleton.backends.zookeeper import ZookeeperBackend
-from singleton.testing.contract import BackendContract, BackendFactory
+from singleton.testing.contract import BackendContract, BackendFactory, SharedStateContract
 
 if TYPE_CHECKING:
     from tests.servers.zookeeper import ZookeeperEnsemble, ZookeeperServer
@@ -26,14 +26,14 @@ pytestmark = pytest.mark.server
 SESSION_TIMEOUT = 8.0
 
 
-class TestZookeeperStandalone(BackendContract):
+class TestZookeeperStandalone(BackendContract, SharedStateContract):
     @pytest.fixture
     def backend_factory(self, zookeeper: ZookeeperServer) -> BackendFactory:
         url = zookeeper.url()
         return lambda: ZookeeperBackend(url, session_timeout=SESSION_TIMEOUT)
 
 
-class TestZookeeperEnsemble(BackendContract):
+class TestZookeeperEnsemble(BackendContract, SharedStateContract):
     @pytest.fixture
     def backend_factory(self, zookeeper_ensemble: ZookeeperEnsemble) -> BackendFactory:
         url = zookeeper_ensemble.url()
