@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from singleton.fleet import disagreements, fingerprint, publish, published, with
 from singleton.jobs import Job
 from tests.firing_support import make_job
 from tests.replicas import ROOT, fleet, wait_for
+from tests.servers.redis import redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +75,17 @@ def test_a_stopped_replica_withdraws_from_the_fleet() -> None:
     assert list(published(state)) == ["r1"]
 
 
-def test_two_replicas_with_different_schedules_are_reported(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.server)])
+def fleet_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    with redis_server(tmp_path / "redis", aof=True) as server:
+        yield server.url
+
+
+def test_two_replicas_with_different_schedules_are_reported(tmp_path: Path, fleet_url: str) -> None:
+    url = fleet_url
     with fleet(tmp_path, url, {"report": {"every": "5s", "command": ["true"]}}) as group:
         group.start("r1")
         wait_for("r1 to publish", lambda: "r1" in published(group.ledger), timeout=20)
