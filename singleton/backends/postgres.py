@@ -22,6 +22,9 @@ Why these choices:
 * Connections come from a small pool, so a renewal never queues behind another thread's slow
   statement. Standbys are woken by ``LISTEN``/``NOTIFY`` on a connection and thread of their
   own, started by the first :meth:`~PostgresBackend.wait`; while it is down they poll.
+* Shared state (fleet fingerprints, operator switches) is the ``state`` table, keyed in the
+  C collation so that a scan is one range of its primary key; a TTL is an ``expires_at`` on
+  the database's clock, skipped by reads once past and deleted by ``prune``.
 * The schema is created on first use, in one transaction under an advisory lock (replicas
   starting together take turns), or ahead of time by :func:`migrate` for teams that run
   migrations themselves. Its version is recorded, so a current schema costs one read.
@@ -67,8 +70,9 @@ from singleton.urls import redact, scheme
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
 
-#: The version of the tables in ``postgres.sql``; raised with every change to them.
-SCHEMA_VERSION = 1
+#: The version of the tables in ``postgres.sql``; raised with every change to them
+#: (2: the ``state`` table).
+SCHEMA_VERSION = 2
 #: Lower case (unquoted identifiers fold to it, so psql users find the schema by the name they
 #: typed), and short enough that ``{schema}_released`` fits a NOTIFY channel (63 bytes).
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
@@ -657,7 +661,23 @@ class PostgresBackend:
         return [a for (doc,) in rows if (a := _attempt(doc)) is not None]
 
     def prune(self, before: datetime, keep: int) -> int:
+        """The same statement deletes expired shared state, which reads only skip."""
         return self._run("prune", {"before": before, "keep": keep}).rowcount
+
+    # -- shared state -------------------------------------------------------------------------
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        self._run(
+            "state_put", {"key": key, "value": value, "ttl": None if ttl is None else float(ttl)}
+        )
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """One index range scan; expiry by the database's clock (``clock_timestamp()``)."""
+        rows = self._run("state_scan", {"prefix": prefix}).rows
+        return {str(key): str(value) for key, value in rows}
+
+    def delete(self, key: str) -> None:
+        self._run("state_delete", {"key": key})
 
     def server_time(self) -> datetime | None:
         """The database's clock, for the clock-skew check."""

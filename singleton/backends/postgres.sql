@@ -63,6 +63,15 @@ CREATE INDEX IF NOT EXISTS attempts_by_job ON {schema}.attempts (job, seq);
 CREATE INDEX IF NOT EXISTS attempts_by_job_token ON {schema}.attempts (job, token);
 CREATE INDEX IF NOT EXISTS attempts_by_schedule ON {schema}.attempts (scheduled_at);
 
+-- Shared state (version 2): small records every replica reads, such as fleet fingerprints
+-- and operator switches. The key is in the C collation, so that its primary key index is in
+-- byte order and a prefix is one range of it (state_scan).
+CREATE TABLE IF NOT EXISTS {schema}.state (
+    key        text COLLATE "C" PRIMARY KEY,
+    value      text NOT NULL,
+    expires_at timestamptz                -- on the database's clock; NULL: until deleted
+);
+
 INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
 
 -- name: acquire
@@ -236,7 +245,11 @@ SELECT to_jsonb(a) FROM {schema}.attempts AS a
 
 -- name: prune
 -- Retention: attempts of firings scheduled before the cut-off, and beyond the newest keep per
--- job. A running attempt is never deleted (its owner will finish it).
+-- job. A running attempt is never deleted (its owner will finish it). Expired shared state
+-- goes too; the row count is the attempts'.
+WITH expired AS (
+    DELETE FROM {schema}.state WHERE expires_at <= clock_timestamp()
+)
 DELETE FROM {schema}.attempts
  WHERE state <> 'running'
    AND (scheduled_at < %(before)s
@@ -244,6 +257,26 @@ DELETE FROM {schema}.attempts
                      FROM (SELECT seq, row_number() OVER (PARTITION BY job ORDER BY seq DESC) AS n
                              FROM {schema}.attempts) AS ranked
                     WHERE n > %(keep)s))
+
+-- name: state_put
+-- Last write wins. A TTL counts on the database's clock; without one (NULL) the value stays
+-- until deleted.
+INSERT INTO {schema}.state (key, value, expires_at)
+VALUES (%(key)s, %(value)s, clock_timestamp() + make_interval(secs => %(ttl)s::float8))
+ON CONFLICT (key) DO UPDATE
+   SET value = excluded.value, expires_at = excluded.expires_at
+
+-- name: state_scan
+-- Every live key starting with the prefix, as one range of the primary key: keys are ASCII
+-- and compared byte by byte (C collation), so the keys starting with P are exactly those
+-- from P up to P followed by chr(127), which is above every character a key may hold.
+-- Expired rows are skipped here and deleted by prune.
+SELECT key, value FROM {schema}.state
+ WHERE key >= %(prefix)s AND key < %(prefix)s || chr(127)
+   AND (expires_at IS NULL OR expires_at > clock_timestamp())
+
+-- name: state_delete
+DELETE FROM {schema}.state WHERE key = %(key)s
 
 -- name: server_time
 SELECT clock_timestamp()

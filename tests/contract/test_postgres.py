@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from singleton.backends.postgres import PostgresBackend
-from singleton.testing.contract import BackendContract, BackendFactory
+from singleton.testing.contract import BackendContract, BackendFactory, SharedStateContract
 from tests.servers.postgres import PostgresServer, shared_server
 
 pytestmark = pytest.mark.server
@@ -26,7 +26,7 @@ def url(postgres: PostgresServer) -> str:
     return postgres.create_database()
 
 
-class TestPostgresBackend(BackendContract):
+class TestPostgresBackend(BackendContract, SharedStateContract):
     @pytest.fixture
     def backend_factory(self, url: str) -> BackendFactory:
         return lambda: PostgresBackend(url)
