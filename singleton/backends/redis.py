@@ -1,4 +1,5 @@
-"""``redis://``, ``rediss://``, ``unix://``: locks and ledger on one Redis server.
+"""``redis://``, ``rediss://``, ``unix://``: locks, ledger and shared state on one Redis
+server.
 
 Why these choices:
 
@@ -557,14 +558,14 @@ return 1
 
     def acquire(self, keys: JobKeys, owner: str, ttl: float) -> tuple[bool, int]:
         """(granted, token) or (False, the counter as it is)."""
-        got = self.run("ACQUIRE", [keys.lock, keys.token], [owner, _ms(ttl)])
+        got = self.run("ACQUIRE", [keys.lock, keys.token], [owner, milliseconds(ttl)])
         return bool(got[0]), int(got[1])
 
     def renew(self, keys: JobKeys, owner: str, ttl: float) -> bool:
-        return bool(self.run("RENEW", [keys.lock], [owner, _ms(ttl)]))
+        return bool(self.run("RENEW", [keys.lock], [owner, milliseconds(ttl)]))
 
     def release(self, keys: JobKeys, owner: str, keep_for: float = 0.0) -> bool:
-        keep = _ms(keep_for) if keep_for > 0 else 0
+        keep = milliseconds(keep_for) if keep_for > 0 else 0
         return bool(self.run("RELEASE", [keys.lock], [owner, keep, keys.channel]))
 
     def holder(self, keys: JobKeys) -> tuple[str | None, float | None, int]:
@@ -608,7 +609,7 @@ return 1
         got = self.run(
             "ACQUIRE_AND_CLAIM",
             [keys.lock, keys.token, keys.runs, keys.index, keys.highest],
-            [owner, _ms(ttl), keys.attempts, run.run_id, *_attempt_args(run, owner, now)],
+            [owner, milliseconds(ttl), keys.attempts, run.run_id, *_attempt_args(run, owner, now)],
         )
         if not got[0]:
             return int(got[1]), None
@@ -635,7 +636,7 @@ return 1
         now: datetime,
         keep_for: float = 0.0,
     ) -> bool:
-        keep = _ms(keep_for) if keep_for > 0 else 0
+        keep = milliseconds(keep_for) if keep_for > 0 else 0
         return bool(
             self.run(
                 "FINISH_AND_RELEASE",
@@ -696,7 +697,7 @@ return 1
     # -- shared state -------------------------------------------------------------------------
 
     def state_put(self, keys: StateKeys, key: str, value: str, ttl: float | None) -> None:
-        ttl_ms = "" if ttl is None else _ms(ttl)
+        ttl_ms = "" if ttl is None else milliseconds(ttl)
         self.run("STATE_PUT", keys.all, [key, value, ttl_ms, STATE_PURGE_BATCH])
 
     def state_scan(self, keys: StateKeys, prefix: str) -> dict[str, str]:
@@ -716,7 +717,8 @@ return 1
                 return gone
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """A TTL as Redis takes it: whole milliseconds, at least 1 (``PX 0`` is an error)."""
     return max(1, round(seconds * 1000))
 
 

@@ -1,5 +1,6 @@
 """``redlock://h1:6379,h2:6379,h3:6379[/db]``: the lock on a quorum of independent Redis
-masters (the Redlock algorithm), and the ledger on a quorum of the same nodes.
+masters (the Redlock algorithm), and the ledger and the shared state on a quorum of the
+same nodes.
 
 Why these choices:
 
@@ -33,6 +34,19 @@ Why these choices:
   Nodes disagree only after a failure during a write; a node that missed a run's writes
   (it was down) is brought up to date (:data:`ADOPT`) when a claim or a finish would
   otherwise lack a majority, so a second node failing later does not strand the run.
+* Shared state (fleet fingerprints, operator switches) is on the quorum too, for the same
+  reason: a pause held by one named node would be lifted, or forgotten, by its outage. Each
+  node keeps it in the Redis backend's layout (:class:`StateKeys`, with its ``STATE_LIB``),
+  every entry stamped with a version (this writer's wall clock in ms, never repeating in
+  this process) and its deadline by that node's ``TIME``. A node takes a write only if it
+  is newer than what it holds, so order of arrival does not matter; a put or a delete
+  stands when a majority answered. A read merges the nodes' copies: the newest version
+  wins (:func:`_newest`), so a read of any majority sees every write that stood. A delete
+  writes a newer *dead* entry, and an entry past its deadline stays as one, so a node that
+  missed the delete or the expiry cannot bring back the older copy it holds; dead entries
+  are dropped by a read that heard every node and found every copy dead for a minute
+  (:data:`DROP_AFTER`), and a read copies the newest entry to the nodes it found behind
+  (:meth:`RedlockBackend._settle`).
 * Standbys poll (``notify`` is off): a release is published on each node's channel, but a
   standby would need a subscription on every node to hear it reliably. :meth:`wait` polls
   the lock with doubling pauses and random jitter; the runner's own standby loop looks
@@ -43,6 +57,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,10 +87,13 @@ from singleton.backends.redis import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
     LEDGER_LIB,
+    STATE_LIB,
     JobKeys,
     KeySpace,
     Scripts,
+    StateKeys,
     connect,
+    milliseconds,
     seconds_option,
     translated,
 )
@@ -98,6 +116,10 @@ SPLIT_JITTER = 0.05
 POLL_BACKOFF = (0.1, 1.0)
 #: Node calls in flight at once, per node: several firings and lease keepers share a backend.
 CALLS_PER_NODE = 8
+#: How long a shared-state entry stays dead on every node before a read may drop it: far
+#: longer than any call is in flight, so that a repair planned from a read made before the
+#: delete cannot land after the drop and bring the old value back.
+DROP_AFTER = 60.0
 
 T = TypeVar("T")
 
@@ -136,6 +158,62 @@ while i <= #ARGV do
   i = last + 1
 end
 return taken
+"""
+)
+
+
+# Shared state on each node: the Redis backend's layout (StateKeys), each value stored as
+# '<version>:<deadline>:<value>', the deadline in ms by that node's TIME ('' for none). No
+# Redis-side expiry: an entry past its deadline (and a deleted one, whose deadline is its
+# deletion) stays, dead, so that it still outvotes older copies on other nodes; STATE_DROP
+# removes it once no node holds a live older copy.
+
+# KEYS: values, index, expires   ARGV: per entry: key, version, ttl (ms, '' for none), value
+# → how many entries this node took
+# Takes each entry unless this node holds that version or a newer one: whatever order
+# writes and repairs arrive in, a node only moves forward.
+STATE_STAMP = (
+    STATE_LIB
+    + """
+local now, took = now_ms(), 0
+for i = 1, #ARGV, 4 do
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  if not held or tonumber(string.match(held, '^%d+')) < tonumber(ARGV[i + 1]) then
+    local deadline = ''
+    if ARGV[i + 2] ~= '' then deadline = string.format('%.0f', now + tonumber(ARGV[i + 2])) end
+    store(KEYS[1], KEYS[2], KEYS[3], ARGV[i],
+          ARGV[i + 1] .. ':' .. deadline .. ':' .. ARGV[i + 3], '', now)
+    took = took + 1
+  end
+end
+return took
+"""
+)
+
+# KEYS: values, index, expires   ARGV: prefix
+# → {this node's TIME in ms, {key, entry, …}}: every entry under the prefix, dead ones too
+STATE_READ = (
+    STATE_LIB
+    + """
+local now = now_ms()
+return {now, range(KEYS[1], KEYS[2], KEYS[3], ARGV[1], now)}
+"""
+)
+
+# KEYS: values, index, expires   ARGV: per key: key, version   → how many went
+# Removes each key whose entry is that version or older: a newer write stays.
+STATE_DROP = (
+    STATE_LIB
+    + """
+local gone = 0
+for i = 1, #ARGV, 2 do
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  if held and tonumber(string.match(held, '^%d+')) <= tonumber(ARGV[i + 1]) then
+    forget(KEYS[1], KEYS[2], KEYS[3], ARGV[i])
+    gone = gone + 1
+  end
+end
+return gone
 """
 )
 
@@ -193,11 +271,23 @@ class _Node:
     client: redis.Redis
     scripts: Scripts
     adopter: Script
+    stamper: Script
+    reader: Script
+    dropper: Script
 
     @classmethod
     def open(cls, address: str, url: str, timeout: float) -> _Node:
         client = connect(url, timeout)
-        return cls(address, url, client, Scripts(client), client.register_script(ADOPT))
+        return cls(
+            address,
+            url,
+            client,
+            Scripts(client),
+            client.register_script(ADOPT),
+            client.register_script(STATE_STAMP),
+            client.register_script(STATE_READ),
+            client.register_script(STATE_DROP),
+        )
 
     def adopt(self, keys: JobKeys, run_id: str, rows: Sequence[Sequence[str]]) -> list[int]:
         """Run :data:`ADOPT` here; the attempt numbers this node took."""
@@ -206,6 +296,67 @@ class _Node:
             args += [len(row), *row]
         taken = self.adopter(keys=[keys.runs, keys.index, keys.highest], args=args)
         return [int(number) for number in taken]
+
+    def stamp(self, keys: StateKeys, entries: Sequence[_Stamp]) -> int:
+        """Run :data:`STATE_STAMP` here; how many of ``entries`` this node took."""
+        args = [part for entry in entries for part in entry]
+        return int(self.stamper(keys=keys.all, args=args))
+
+    def read(self, keys: StateKeys, prefix: str) -> dict[str, _Entry]:
+        """This node's copies under ``prefix``, dead ones included."""
+        now, found = self.reader(keys=keys.all, args=[prefix])
+        return {found[i]: _entry(found[i + 1], int(now)) for i in range(0, len(found), 2)}
+
+    def drop(self, keys: StateKeys, entries: Sequence[tuple[str, int]]) -> int:
+        """Run :data:`STATE_DROP` here; how many keys went."""
+        args = [part for entry in entries for part in entry]
+        return int(self.dropper(keys=keys.all, args=args))
+
+
+# -- shared state: one node's copy, and the merge -----------------------------------------------
+
+#: What :data:`STATE_STAMP` takes per entry: key, version, ttl (ms, "" for none), value.
+_Stamp = tuple[str, int, int | str, str]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One node's copy of a shared-state key."""
+
+    version: int
+    #: Milliseconds to its deadline by its node's clock (≤ 0: dead); None: it has none.
+    left: int | None
+    value: str
+
+    @property
+    def live(self) -> bool:
+        return self.left is None or self.left > 0
+
+    def dead_for(self, seconds: float) -> bool:
+        return self.left is not None and -self.left >= seconds * 1000
+
+    def stamp(self, key: str) -> _Stamp:
+        """This entry, to be copied to another node: the time it has left, or dead."""
+        ttl: int | str = "" if self.left is None else max(self.left, 0)
+        return key, self.version, ttl, self.value
+
+
+def _entry(stored: str, now: int) -> _Entry:
+    version, deadline, value = stored.split(":", 2)
+    return _Entry(int(version), int(deadline) - now if deadline else None, value)
+
+
+def _newest(copies: Iterable[_Entry]) -> _Entry:
+    """The copy of a key that readers see: the newest version; among copies of it (nodes'
+    clocks differ, and a repair copies the time left), the one with the most time left, so
+    that the slowest clock decides its end. Equal versions from two writers (the same ms
+    and the same random digits) are settled by value, so every reader picks the same."""
+    copies = list(copies)
+    top = max(copy.version for copy in copies)
+    return max(
+        (copy for copy in copies if copy.version == top),
+        key=lambda copy: (copy.value, copy.left is None, copy.left or 0),
+    )
 
 
 # -- merging the nodes' answers -----------------------------------------------------------------
@@ -237,7 +388,8 @@ def _latest(found: Iterable[Attempt | None]) -> Attempt | None:
 
 
 class RedlockBackend(Composed):
-    """Locks and ledger on a majority of an odd number (≥3) of independent Redis masters.
+    """Locks, ledger and shared state on a majority of an odd number (≥3) of independent
+    Redis masters.
 
     Options (``backend:`` keys beside ``url``): ``prefix`` (default ``default``) and
     ``timeout`` (default 500ms, the socket and connect timeout of each node call), as for
@@ -277,6 +429,8 @@ class RedlockBackend(Composed):
             " rests on timing assumptions",
         )
         self._known_jobs: set[str] = set()
+        self._version_lock = threading.Lock()
+        self._last_version = 0
 
     # -- calling the nodes ----------------------------------------------------------------------
 
@@ -604,7 +758,94 @@ class RedlockBackend(Composed):
             ),
             "prune",
         )
+        self.scan("")  # drops dead shared-state entries under prefixes nobody reads
         return max(gone)
+
+    # -- shared state ---------------------------------------------------------------------------
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> None:
+        """Stamp ``value`` on every node; it stands when a majority answered (each took it,
+        or holds a newer write). The TTL runs on each node's clock from when it took it."""
+        self._stamp(key, "" if ttl is None else milliseconds(ttl), value, f"put {key!r}")
+
+    def delete(self, key: str) -> None:
+        """A put of a dead entry (deadline now), newer than every copy: see :meth:`scan`."""
+        self._stamp(key, 0, "", f"delete {key!r}")
+
+    def _stamp(self, key: str, ttl: int | str, value: str, what: str) -> None:
+        entry: _Stamp = (key, self._version(), ttl, value)
+        keys = self.keys.state
+        self._answers(self._each(lambda node: node.stamp(keys, [entry])), what)
+
+    def _version(self) -> int:
+        """This host's wall clock in ms, times 1000, plus random digits (two writers in one
+        ms rarely tie), and above every version this backend gave before, so that its own
+        put-then-delete is ordered whatever its clock does. Across hosts the newer write
+        is the one with the later clock: writes to one key further apart than the hosts'
+        clock skew are ordered right (``check`` and ``run`` watch each host's skew to the
+        nodes' ``TIME``)."""
+        stamp = int(self._clock.now().timestamp() * 1000) * 1000 + random.randrange(1000)
+        with self._version_lock:
+            self._last_version = max(stamp, self._last_version + 1)
+            return self._last_version
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """Every node's copies under ``prefix``, merged by :func:`_newest`: any majority of
+        answers holds every write that stood. Returned: the newest copies still live."""
+        keys = self.keys.state
+        results = self._each(lambda node: node.read(keys, prefix))
+        self._answers(results, f"scan {prefix!r}")
+        held = [
+            (node, found)
+            for node, found in zip(self._nodes, results, strict=True)
+            if isinstance(found, dict)
+        ]
+        names = {key for _, found in held for key in found}
+        newest = {key: _newest(f[key] for _, f in held if key in f) for key in names}
+        self._settle(keys, newest, held)
+        return {key: entry.value for key, entry in sorted(newest.items()) if entry.live}
+
+    def _settle(
+        self,
+        keys: StateKeys,
+        newest: dict[str, _Entry],
+        held: Sequence[tuple[_Node, dict[str, _Entry]]],
+    ) -> None:
+        """After a read, best effort (a node that fails is left as it was): copy each live
+        newest entry to the nodes that answered without it (a node that missed a write
+        while down, so that one more failure does not lose it), and a dead one over older
+        live copies. A dead entry is dropped everywhere only when every node answered and
+        every copy has been dead for :data:`DROP_AFTER`: then nothing older is left
+        anywhere for it to outvote, and a drop that fails on some node leaves only dead
+        copies behind."""
+        everyone = len(held) == len(self._nodes)
+        settled = {
+            key
+            for key in newest
+            if everyone and all(f[key].dead_for(DROP_AFTER) for _, f in held if key in f)
+        }
+        work: dict[str, tuple[list[_Stamp], list[tuple[str, int]]]] = {}
+        for node, found in held:
+            stamps = [
+                entry.stamp(key)
+                for key, entry in newest.items()
+                if key not in settled
+                and (key not in found or found[key].version < entry.version)
+                and (entry.live or (key in found and found[key].live))
+            ]
+            drops = [(key, newest[key].version) for key in settled if key in found]
+            if stamps or drops:
+                work[node.address] = (stamps, drops)
+
+        def apply(node: _Node) -> None:
+            stamps, drops = work[node.address]
+            if stamps:
+                node.stamp(keys, stamps)
+            if drops:
+                node.drop(keys, drops)
+
+        if work:
+            self._each(apply, [node for node in self._nodes if node.address in work])
 
     def server_time(self) -> datetime | None:
         """The median of the nodes' ``TIME``: lease expiry runs on each node's own clock,
