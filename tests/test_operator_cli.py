@@ -146,8 +146,9 @@ def test_status_json_shows_each_lock_and_last_attempt_in_the_contract_shape(
         result = cli("status", group.config, "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"backend", "jobs"}
+    assert set(data) == {"backend", "jobs", "fleet"}
     assert data["backend"] == sqlite_url
+    assert data["fleet"] == {"replicas": ["r1"], "disagreements": {}}
     by_name = {job["name"]: job for job in data["jobs"]}
     assert set(by_name) == {"work", "idle"}
     for job in data["jobs"]:
