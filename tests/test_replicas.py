@@ -206,5 +206,6 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, backend_url: str) -> None
         time.sleep(0.5)
         assert replica.process.poll() is None, "the first signal waits for the running job"
         replica.process.send_signal(signal.SIGTERM)
-        assert replica.process.wait(timeout=3) == 1
+        # At once: long before the 60 s shutdown grace (a loaded CI machine may take seconds).
+        assert replica.process.wait(timeout=15) == 1
     assert "second signal" in replica.log.read_text()
