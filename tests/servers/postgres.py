@@ -12,6 +12,7 @@ not another ``initdb``. Test modules share one server through :func:`shared_serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -154,12 +155,16 @@ class PostgresServer:
     def pause(self) -> None:
         """SIGSTOP every server process: connections stay open and the kernel still
         acknowledges packets, but nothing answers (a stalled database, not a dead one)."""
-        for pid in self._pids():
-            os.kill(pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        # A connection's backend process may exit between the listing and the signal.
         for pid in self._pids():
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def heal(self) -> None:
         """Undo whatever a test did to the server: resume it, start it if stopped."""
