@@ -109,7 +109,10 @@ def test_sigkill_of_the_owner_mid_run_is_taken_over_within_the_ttl(
         assert rows[0].replica != owner.name and rows[0].token > first.token
         assert rows[1].state == "abandoned"
         wait_for("the takeover's write", lambda: first.run_id in applied_by_run(sink), timeout=10)
-    assert applied_by_run(sink)[first.run_id] == [rows[0].token]
+    [write] = [r for r in sink_writes(sink) if r["run_id"] == first.run_id and r["applied"]]
+    # The killed owner's job died with it, unless (on a loaded machine) it wrote before the
+    # kill landed; either way the firing was applied once.
+    assert write["token"] == rows[0].token or write["at"] < killed_at
 
 
 def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, backend_url: str) -> None:
