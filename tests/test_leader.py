@@ -31,24 +31,7 @@ from tests.replicas import ROOT, wait_for
 NAME = "billing-scheduler"
 
 
-@pytest.fixture(autouse=True)
-def fresh_connections() -> Iterator[None]:
-    singleton.locking._close_shared()
-    yield
-    singleton.locking._close_shared()
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'state.db'}"
-
-
-@pytest.fixture
-def backend(url: str) -> Iterator[SqliteBackend]:
-    """A connection of the test's own, separate from the election's."""
-    opened = SqliteBackend(url)
-    yield opened
-    opened.close()
+pytest_plugins = ["tests.coordination"]
 
 
 @dataclass
