@@ -6,11 +6,16 @@ Exit codes (a contract): 0 ok; 1 a job failed; 2 usage; 69 backend unavailable;
 
 from __future__ import annotations
 
+import getpass
 import json
+import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -18,11 +23,15 @@ from typing import Any
 import click
 
 from singleton import app as app_module
-from singleton import fleet
-from singleton.backends.base import Attempt, SharedState
+from singleton import backfill as backfilling
+from singleton import fleet, pausing
+from singleton.backends.base import Attempt, Backend, SharedState
 from singleton.clock import SYSTEM_CLOCK, iso_z, parse_iso
+from singleton.durations import parse_duration
 from singleton.errors import BackendUnavailable, ConfigError, SingletonError
-from singleton.jobs import check_name
+from singleton.events import Events, log_event
+from singleton.firing import Firer
+from singleton.jobs import Job, check_name
 from singleton.logs import configure
 from singleton.schedule import fire_times
 from singleton.status import attempt_json, snapshot
@@ -179,6 +188,19 @@ def jobs(config: Path, count: int, start: str | None, as_json: bool) -> None:
     click.echo(_table(["job", "schedule", "mode", "next"], rows))
 
 
+def _job(loaded: app_module.App, name: str) -> Job:
+    if name not in loaded.jobs:
+        raise ConfigError(f"unknown job {name!r}; known: {', '.join(sorted(loaded.jobs))}")
+    return loaded.jobs[name]
+
+
+def _firer(loaded: app_module.App, backend: Backend, stopping: threading.Event) -> Firer:
+    """A replica of one firing at a time, for the commands that run jobs themselves."""
+    events = Events(loaded.replica_id)
+    events.add(log_event)
+    return Firer(backend, loaded.replica_id, SYSTEM_CLOCK, events, stopping)
+
+
 def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
@@ -251,7 +273,7 @@ def status(config: Path, as_json: bool) -> None:
         rows.append(
             [
                 job["name"],
-                job["mode"],
+                job["mode"] + (" (paused)" if job["paused"] else ""),
                 _cell(lock.get("replica")),
                 _cell(lock.get("token")),
                 f"{lock['lease_left']:.1f}s" if lock.get("lease_left") is not None else "-",
@@ -261,6 +283,9 @@ def status(config: Path, as_json: bool) -> None:
         )
     headers = ["job", "mode", "holder", "token", "lease left", "last run", "state"]
     click.echo(_table(headers, rows))
+    for job in jobs_now:
+        if job["paused"]:
+            click.echo(f"\n{_paused_line(job['name'], job['paused'])}")
     if replicas:
         click.echo(f"\n{len(replicas)} replicas running: {', '.join(sorted(replicas))}")
     for name, prints in disagree.items():
@@ -275,20 +300,11 @@ def trigger(config: Path, job: str) -> None:
 
     Exits 0 if the run succeeded, 1 if it failed or could not run.
     """
-    import signal
-    import threading
-
-    from singleton.events import Events, log_event
-    from singleton.firing import Firer
-
     with _errors():
         loaded = _load(config)
-        if job not in loaded.jobs:
-            raise ConfigError(f"unknown job {job!r}; known: {', '.join(sorted(loaded.jobs))}")
+        _job(loaded, job)
         backend = loaded.open_backend()
-    events = Events(loaded.replica_id)
-    events.add(log_event)
-    firer = Firer(backend, loaded.replica_id, SYSTEM_CLOCK, events, threading.Event())
+    firer = _firer(loaded, backend, threading.Event())
     signal.signal(signal.SIGTERM, lambda signum, frame: firer.interrupt_all())
     try:
         with _errors():
@@ -300,6 +316,164 @@ def trigger(config: Path, job: str) -> None:
     elif outcome.state != "succeeded":
         _fail(f"{job} {outcome.state}: {outcome.error}", EXIT_JOB_FAILED)
     click.echo(f"{job} succeeded")
+
+
+def _paused_line(job: str, paused: dict[str, Any]) -> str:
+    until = f" until {paused['until']}" if paused["until"] else " until resumed"
+    note = f": {paused['note']}" if paused["note"] else ""
+    return f"{job} paused by {paused['by']} at {paused['at']}{until}{note}"
+
+
+def _until(value: str | None, now: datetime) -> datetime | None:
+    """``--until``: an ISO-8601 time with its zone, or a duration from now (``2h``)."""
+    if value is None:
+        return None
+    try:
+        until = now + timedelta(seconds=parse_duration(value))
+    except ConfigError:
+        until = _when(value)
+    if until <= now:
+        raise click.BadParameter(f"{value!r} is not in the future", param_hint="--until")
+    return until
+
+
+@main.command()
+@CONFIG
+@click.argument("job")
+@click.option("--note", default=None, help="Why, for whoever reads status next.")
+@click.option(
+    "--until", "until_text", default=None, help="An ISO-8601 time, or a duration such as 2h."
+)
+def pause(config: Path, job: str, note: str | None, until_text: str | None) -> None:
+    """Pause JOB on every replica: its firings are recorded as skipped (paused).
+
+    Returns once every running replica is bound to see the pause before its next firing.
+    """
+    now = datetime.now(UTC)
+    until = _until(until_text, now)
+    with _errors():
+        loaded = _load(config)
+        _job(loaded, job)
+        backend = loaded.open_backend()
+        try:
+            by = f"{getpass.getuser()}@{socket.gethostname()}"
+            pausing.pause(backend, pausing.Pause(job, by, now, note, until))
+        finally:
+            backend.close()
+    time.sleep(pausing.FRESH)
+    click.echo(_paused_line(job, pausing.Pause(job, by, now, note, until).to_json()))
+
+
+@main.command()
+@CONFIG
+@click.argument("job")
+def resume(config: Path, job: str) -> None:
+    """Resume JOB on every replica, from its next firing on."""
+    with _errors():
+        loaded = _load(config)
+        _job(loaded, job)
+        backend = loaded.open_backend()
+        try:
+            was = pausing.read(backend, datetime.now(UTC)).get(job)
+            pausing.resume(backend, job)
+        finally:
+            backend.close()
+    click.echo(f"resumed {job}" if was else f"{job} was not paused")
+
+
+@main.command()
+@CONFIG
+@click.argument("job")
+@click.option("--from", "start_text", required=True, help="ISO-8601 time: the first firing.")
+@click.option("--to", "end_text", required=True, help="ISO-8601 time: the last firing.")
+@click.option("--dry-run", is_flag=True, help="Show what would run, run nothing.")
+def backfill(config: Path, job: str, start_text: str, end_text: str, dry_run: bool) -> None:
+    """Run each firing of JOB from --from to --to that the ledger does not show as
+    succeeded, one at a time under the job's lock. Safe to interrupt and run again.
+
+    Exits 0 when every one of them succeeded, 1 otherwise.
+    """
+    start, end, now = _when(start_text), _when(end_text), datetime.now(UTC)
+    if start > end:
+        raise click.BadParameter("--from is after --to", param_hint="--from")
+    if end > now:
+        raise click.BadParameter(
+            "is in the future: the running replicas fire those", param_hint="--to"
+        )
+    with _errors():
+        loaded = _load(config)
+        target = _job(loaded, job)
+        retention = loaded.settings.backend.ledger_retention
+        if start < now - timedelta(seconds=retention):
+            raise ConfigError(
+                f"--from {iso_z(start)} is older than backend.ledger_retention"
+                f" ({retention:g}s): the ledger cannot tell which of those firings ran"
+            )
+        backend = loaded.open_backend()
+    try:
+        with _errors():
+            planned = backfilling.plan(backend, target, start, end)
+            if dry_run:
+                _backfill_table(planned, dry_run=True)
+                return
+            results = _backfill(loaded, backend, target, planned)
+    finally:
+        backend.close()
+    _backfill_table(results, dry_run=False)
+    if not all(f.done or f.succeeded for f in results):
+        sys.exit(EXIT_JOB_FAILED)
+
+
+def _backfill(
+    loaded: app_module.App, backend: Backend, job: Job, planned: list[backfilling.Firing]
+) -> list[backfilling.Firing]:
+    stopping = threading.Event()
+    firer = _firer(loaded, backend, stopping)
+
+    def stop(signum: int, frame: object) -> None:
+        if stopping.is_set():
+            sys.exit(130)
+        click.echo("\nsingleton: stopping after the firing in progress", err=True)
+        stopping.set()
+        firer.interrupt_all()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    results = {f.run_id: f for f in planned}
+    with click.progressbar(
+        [f for f in planned if not f.done],
+        label=f"backfilling {job.name}",
+        file=sys.stderr,
+        item_show_func=lambda f: f.run_id if f else None,
+    ) as bar:
+        for firing in bar:
+            if stopping.is_set():
+                break
+            results[firing.run_id] = backfilling.run_one(firer, job, firing)
+    return list(results.values())
+
+
+def _backfill_table(firings: list[backfilling.Firing], dry_run: bool) -> None:
+    rows = []
+    for f in firings:
+        if dry_run:
+            plan = "leave (succeeded)" if f.done else "run"
+            rows.append([f.run_id, backfilling.describe(f.before), plan])
+        else:
+            after = "left alone" if f.done else backfilling.describe(f.after)
+            rows.append([f.run_id, backfilling.describe(f.before), after])
+    heads = ["run id", "before", "would" if dry_run else "after"]
+    click.echo(_table(heads, rows))
+    todo = [f for f in firings if not f.done]
+    if dry_run:
+        click.echo(f"\n{len(todo)} of {len(firings)} firings would run")
+        return
+    ran = [f for f in todo if f.after is not None]
+    good = sum(f.succeeded for f in ran)
+    line = f"\n{len(ran)} of {len(todo)} firings run: {good} succeeded, {len(ran) - good} not"
+    if len(ran) < len(todo):
+        line += f"; {len(todo) - len(ran)} left: run the same command again to finish"
+    click.echo(line)
 
 
 @main.command()

@@ -46,6 +46,8 @@ _LONGEST = 366 * 86400.0
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=_LONGEST)]
 PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=_LONGEST)]
 Mode = Literal["efficiency", "singleton", "ownership"]
+Overlap = Literal["skip", "buffer_one", "buffer_all", "cancel_other", "allow"]
+Catchup = Literal["none", "latest", "all"]
 
 
 class _Strict(BaseModel):
@@ -65,7 +67,10 @@ class JobSettings(_Strict):
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
     retry_backoff: Duration | None = None
     on_orphan: Literal["rerun", "skip"] | None = None
-    overlap: Literal["skip"] | None = None
+    overlap: Overlap | None = None
+    catchup: Catchup | None = None
+    catchup_window: PositiveDuration | None = None
+    pause_on_failure: Annotated[int, Field(ge=1, le=1000)] | None = None
     timeout: PositiveDuration | None = None
     output_limit: Annotated[int, Field(ge=1024, le=64 << 20)] | None = None
     env: dict[str, str] | None = None
@@ -84,6 +89,7 @@ BUILTIN_DEFAULTS = JobSettings.model_validate(
         "retry_backoff": "10s",
         "on_orphan": "rerun",
         "overlap": "skip",
+        "catchup": "none",
         "output_limit": 64 << 10,
         "env": {},
     }

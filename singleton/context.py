@@ -15,18 +15,26 @@ class Cancel:
     """A one-shot stop signal that remembers why it fired first.
 
     The reason becomes the attempt's ledger state: ``lost_lease`` when the lease keeper gave
-    up, ``timed_out`` when the job's ``timeout`` passed, ``interrupted`` on shutdown.
+    up, ``timed_out`` when the job's ``timeout`` passed, ``interrupted`` on shutdown or when
+    a newer firing cancelled it (``overlap: cancel_other``, whose ``cause`` is ``overlap``:
+    the ledger keeps it, so nobody takes that attempt over as an orphan).
     """
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._reason: str | None = None
+        self._cause: str | None = None
         self._hooks: list[Callable[[str], None]] = []
 
     @property
     def reason(self) -> str | None:
         return self._reason
+
+    @property
+    def cause(self) -> str | None:
+        """Why the reason, where the ledger must tell it apart (``overlap``)."""
+        return self._cause
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -34,11 +42,12 @@ class Cancel:
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
 
-    def set(self, reason: str) -> None:
+    def set(self, reason: str, cause: str | None = None) -> None:
         with self._lock:
             if self._reason is not None:
                 return
             self._reason = reason
+            self._cause = cause
             hooks = list(self._hooks)
         self._event.set()
         for hook in hooks:

@@ -14,7 +14,7 @@ from typing import Any
 log = logging.getLogger("singleton.events")
 
 #: Event kinds too frequent for the info log (a renewal every ttl/3 of every held lease).
-QUIET = frozenset({"renewed", "clock", "fleet"})
+QUIET = frozenset({"renewed", "clock", "fleet", "pauses"})
 #: Event kinds that mean something went wrong, logged at warning or error.
 WARNINGS = frozenset(
     {

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from singleton.errors import BackendError, BackendUnavailable, LeaseLost
 from singleton.events import Events
 from singleton.jobs import Job
 from singleton.lease import LeaseKeeper
+from singleton.pausing import PauseWatch
 from singleton.schedule import manual_run_id, run_id
 
 #: States of a previous attempt after which the firing is done.
@@ -102,6 +104,9 @@ class Owned:
     outcome: Outcome | None = None
     #: Set after a token regression: the attempt voided (0 if none), to acquire again.
     voided: int | None = None
+    #: ``overlap: allow``: the lock was let go right after the claim, so the job's next
+    #: firing can start while this one runs; the attempt row alone fences the finish.
+    unleased: bool = False
 
 
 class Firer:
@@ -114,12 +119,14 @@ class Firer:
         clock: Clock,
         events: Events,
         stopping: threading.Event,
+        pauses: PauseWatch | None = None,
     ) -> None:
         self.backend = backend
         self.replica = replica
         self.clock = clock
         self.events = events
         self.stopping = stopping
+        self.pauses = pauses
         self.tokens = TokenMemory()
         self._owned: dict[str, Owned] = {}
         self._owned_lock = threading.Lock()
@@ -128,7 +135,17 @@ class Firer:
 
     def owns(self, job: str) -> bool:
         with self._owned_lock:
-            return job in self._owned
+            return any(item.run.job == job for item in self._owned.values())
+
+    def cancel(self, job: str) -> int:
+        """Stop this replica's running firings of ``job`` because a newer firing came
+        (``overlap: cancel_other``); they end ``interrupted`` with reason ``overlap``.
+        Returns how many were stopped."""
+        with self._owned_lock:
+            owned = [item for item in self._owned.values() if item.run.job == job]
+        for item in owned:
+            item.cancel.set(INTERRUPTED, cause="overlap")
+        return len(owned)
 
     def held(self) -> dict[str, dict[str, object]]:
         """The leases this replica holds now: per job, the run, token and lease left."""
@@ -173,18 +190,38 @@ class Firer:
 
     # -- the firing -----------------------------------------------------------------------------
 
-    def fire(self, job: Job, scheduled_at: datetime) -> Outcome | None:
+    def fire(self, job: Job, scheduled_at: datetime, *, late_ok: bool = False) -> Outcome | None:
         """Run the firing of ``job`` at ``scheduled_at`` if this replica wins it; how the
-        last attempt run here ended, or None when none ran here."""
+        last attempt run here ended, or None when none ran here.
+
+        ``late_ok``: the firing was accepted in time and runs late on purpose (a buffered
+        overlap, a catch-up): no misfire check, and standbys get the whole grace from now.
+        """
         run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
-        late = (self.clock.now() - scheduled_at).total_seconds()
+        late = 0.0 if late_ok else (self.clock.now() - scheduled_at).total_seconds()
         if late > job.misfire_grace:
             self._skip(run, "misfired", late=round(late, 3))
+            return None
+        if self._paused(job, run):
             return None
         give_up = self.clock.monotonic() + job.misfire_grace - max(0.0, late)
         if job.jitter and self.clock.wait(self.stopping, random.uniform(0, job.jitter)):
             return None
         return self._run(job, run, give_up)
+
+    def backfill(self, job: Job, scheduled_at: datetime) -> Outcome | None:
+        """Run a past firing that the ledger does not show as succeeded (``singleton
+        backfill``): whatever ``on_orphan``, ``max_attempts`` or a skip said, an operator
+        asked for it. Waits for the lock up to the job's ``misfire_grace``."""
+        run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
+        return self._run(job, run, self.clock.monotonic() + job.misfire_grace, forced=True)
+
+    def _paused(self, job: Job, run: Run) -> bool:
+        pause = self.pauses.get(job.name) if self.pauses is not None else None
+        if pause is None:
+            return False
+        self._skip(run, "paused", paused_by=pause.by, note=pause.note)
+        return True
 
     def trigger(self, job: Job) -> Outcome | None:
         """A manual run now, under the job's lock, with a ``manual`` run ID of its own."""
@@ -192,13 +229,13 @@ class Firer:
         run = Run(job.name, manual_run_id(job.name), now)
         return self._run(job, run, self.clock.monotonic() + job.misfire_grace)
 
-    def _run(self, job: Job, run: Run, give_up: float) -> Outcome | None:
+    def _run(self, job: Job, run: Run, give_up: float, forced: bool = False) -> Outcome | None:
         voided = 0
         for _ in range(3):  # a token regression is repaired and retried, a bounded number of times
             got = self._acquire(job, run, give_up)
             if got is None:
                 return None
-            owned = self._own(job, run, *got, voided=voided)
+            owned = self._own(job, run, *got, voided=voided, forced=forced)
             if owned.voided is None:
                 return owned.outcome
             voided = owned.voided
@@ -227,7 +264,9 @@ class Firer:
             if got is not None:
                 self.events.emit("acquired", job.name, run.run_id, got[0].token, waited=waited)
                 return got
-            if job.mode == "efficiency":
+            # Under ``overlap: allow`` the lock is held only while a firing is claimed, and
+            # perhaps for another firing than this one: wait for it instead of skipping.
+            if job.mode == "efficiency" and job.overlap != "allow":
                 self.events.emit(
                     "skipped", run.job, run.run_id, reason="busy", recorded=False, waited=waited
                 )
@@ -261,7 +300,9 @@ class Firer:
             return max(STANDBY_POLL, min(job.lock_ttl / 3, MAX_STANDBY_PAUSE))
         return STANDBY_POLL
 
-    def _own(self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int) -> Owned:
+    def _own(
+        self, job: Job, run: Run, lease: Lease, claim: Claim, voided: int, forced: bool
+    ) -> Owned:
         """Hold the lease from acquisition to release. After a token regression the result's
         ``voided`` asks the caller to acquire again; the voided attempt is then rerun
         whatever ``on_orphan`` says, since it never ran."""
@@ -284,7 +325,7 @@ class Firer:
                 owned.voided = claim.attempt.attempt if claim.attempt else 0
                 return owned
             try:
-                owned.outcome = self._work(job, run, owned, claim, voided)
+                owned.outcome = self._work(job, run, owned, claim, voided, forced)
             except LeaseLost as exc:
                 self.events.emit("lost", run.job, run.run_id, lease.token, reason=str(exc))
             finally:
@@ -294,13 +335,13 @@ class Firer:
     @contextmanager
     def _owning(self, owned: Owned) -> Iterator[None]:
         with self._owned_lock:
-            self._owned[owned.run.job] = owned
+            self._owned[owned.run.run_id] = owned
         try:
             yield
         finally:
             with self._owned_lock:
-                if self._owned.get(owned.run.job) is owned:
-                    del self._owned[owned.run.job]
+                if self._owned.get(owned.run.run_id) is owned:
+                    del self._owned[owned.run.run_id]
             owned.keeper.stop()
 
     def _let_go(self, job: Job, owned: Owned, outcome: Outcome | None) -> None:
@@ -311,6 +352,16 @@ class Firer:
         try:
             if outcome is None or owned.attempt == 0:
                 self.backend.release(lease, keep_for)
+            elif owned.unleased:
+                if not self.backend.finish(owned.run, lease, owned.attempt, outcome):
+                    self.events.emit(
+                        "finish_refused",
+                        job.name,
+                        owned.run.run_id,
+                        lease.token,
+                        state=outcome.state,
+                    )
+                return
             elif not self.backend.finish_and_release(
                 owned.run, lease, owned.attempt, outcome, keep_for
             ):
@@ -347,11 +398,15 @@ class Firer:
         self.backend.evict(job.name, above)  # lets go of our lease and moves the counter
         return False
 
-    def _work(self, job: Job, run: Run, owned: Owned, claim: Claim, voided: int) -> Outcome | None:
+    def _work(
+        self, job: Job, run: Run, owned: Owned, claim: Claim, voided: int, forced: bool
+    ) -> Outcome | None:
         """Decide from the claim, run, retry in place; the last attempt's outcome, if any ran."""
         while True:
             if claim.attempt is not None:
                 owned.attempt = claim.attempt.attempt
+                if job.overlap == "allow":
+                    self._unlock(owned)
                 self.events.emit(
                     "claimed",
                     run.job,
@@ -361,7 +416,7 @@ class Firer:
                     previous=claim.latest.state if claim.latest else None,
                 )
                 outcome = self._execute(job, run, owned, claim.attempt)
-                if not self._retry_after(job, outcome, claim.attempt, owned):
+                if owned.unleased or not self._retry_after(job, outcome, claim.attempt, owned):
                     return outcome
                 if not self.backend.finish(run, owned.keeper.lease, owned.attempt, outcome):
                     self.events.emit(
@@ -372,21 +427,39 @@ class Firer:
                 continue
             latest = claim.latest
             assert latest is not None, "a claim that wrote nothing returns what it found"
-            start = self._decide(job, run, owned.keeper.lease, latest, voided)
+            start = self._decide(job, run, owned.keeper.lease, latest, voided, forced)
             if start is None:
                 return None
             claim = self.backend.claim(run, owned.keeper.lease, seen=latest.attempt, start=start)
             if not start:
                 return None
 
+    def _unlock(self, owned: Owned) -> None:
+        """``overlap: allow``: let go of the lock once the firing is claimed, so the next
+        firing (here or elsewhere) can start while this one runs. Tokens stay on the job's
+        one counter, so they still order the writes of firings that overlap."""
+        lease = owned.keeper.stop()
+        owned.unleased = True
+        try:
+            self.backend.release(lease)
+        except BackendError as exc:
+            # Not fatal: the lease runs out at its TTL.
+            self.events.emit("backend_error", owned.run.job, owned.run.run_id, error=str(exc))
+
     def _decide(
-        self, job: Job, run: Run, lease: Lease, latest: Attempt, voided: int
+        self, job: Job, run: Run, lease: Lease, latest: Attempt, voided: int, forced: bool
     ) -> bool | None:
         """What to do about a firing that has an attempt already: True to start a new
         attempt, False to close an orphan without running, None to leave it as it is."""
         if latest.state == ABANDONED and latest.attempt == voided:
             return True
-        if latest.state in DONE:
+        if forced and latest.state != SUCCEEDED:
+            self.events.emit("backfilled", run.job, run.run_id, lease.token, previous=latest.state)
+            return True
+        # A cancelled firing is done; so is one running under ``allow``, which holds no
+        # lease by design and so cannot be told from an orphan.
+        running_unleased = job.overlap == "allow" and latest.state == RUNNING
+        if latest.state in DONE or latest.reason == "overlap" or running_unleased:
             self.events.emit(
                 "skipped",
                 run.job,
@@ -426,7 +499,7 @@ class Firer:
         and by its own timeout, so a timed-out attempt does not stop the retry after it."""
         token = owned.keeper.lease.token
         cancel = Cancel()
-        owned.cancel.on_set(cancel.set)
+        owned.cancel.on_set(lambda reason: cancel.set(reason, owned.cancel.cause))
         ctx = JobContext(
             job=job.name,
             run_id=run.run_id,
@@ -435,7 +508,7 @@ class Firer:
             token=token,
             replica_id=self.replica,
             cancel=cancel,
-            lease_remaining=owned.keeper.remaining,
+            lease_remaining=(lambda: math.inf) if owned.unleased else owned.keeper.remaining,
         )
         timer = None
         if job.timeout is not None:
@@ -450,7 +523,10 @@ class Firer:
             if timer is not None:
                 timer.cancel()
         state = cancel.reason or (SUCCEEDED if result.ok else FAILED)
+        cause = cancel.cause
         error = None if state == SUCCEEDED else (result.error or state)
+        if cause == "overlap":
+            error = "cancelled: a newer firing came (overlap: cancel_other)"
         fields: dict[str, Any] = {"attempt": attempt.attempt}
         fields["duration"] = round(self.clock.monotonic() - started, 3)
         if error:
@@ -458,4 +534,4 @@ class Firer:
         if result.output.strip():
             fields["output"] = result.output.strip()[-OUTPUT_IN_LOG:]
         self.events.emit(state, job.name, run.run_id, token, exc=result.exception, **fields)
-        return Outcome(state, error)
+        return Outcome(state, error, reason=cause)

@@ -25,6 +25,8 @@ from singleton.targets import CallTarget, CommandTarget, Target, load_callable
 NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SCHEDULE_KEYS = ("cron", "every", "at")
 TARGET_KEYS = ("call", "command", "http")
+#: The most firings one start may catch up (``catchup: all``), and one backfill may run.
+MAX_CATCHUP = 1000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,6 +88,9 @@ class Job:
     retry_backoff: float
     on_orphan: str
     overlap: str
+    catchup: str
+    catchup_window: float
+    pause_on_failure: int | None
     timeout: float | None
     output_limit: int
 
@@ -202,7 +207,19 @@ def _resolve_one(name: str, settings: Settings, base: Path) -> Job:
         raise ConfigError(f"jobs.{name}.jitter: must be shorter than lock_ttl")
     if values["lock_at_least_for"] > values["lock_ttl"]:
         raise ConfigError(f"jobs.{name}.lock_at_least_for: must not be longer than lock_ttl")
-    return Job(
+    if values["overlap"] == "allow" and values["mode"] != "efficiency":
+        raise ConfigError(
+            f"jobs.{name}.overlap: 'allow' runs firings side by side, which only mode"
+            f" efficiency permits (mode is {values['mode']})"
+        )
+    catchup_window = values.get("catchup_window") or values["misfire_grace"]
+    if catchup_window > settings.backend.ledger_retention:
+        raise ConfigError(
+            f"jobs.{name}.catchup_window: {catchup_window:g}s is longer than"
+            f" backend.ledger_retention ({settings.backend.ledger_retention:g}s): the ledger"
+            " could not tell which of those firings ran"
+        )
+    job = Job(
         name=name,
         schedule=_schedule(values, name),
         target=_target(
@@ -218,6 +235,17 @@ def _resolve_one(name: str, settings: Settings, base: Path) -> Job:
         retry_backoff=values["retry_backoff"],
         on_orphan=values["on_orphan"],
         overlap=values["overlap"],
+        catchup=values["catchup"],
+        catchup_window=catchup_window,
+        pause_on_failure=values.get("pause_on_failure"),
         timeout=values.get("timeout"),
         output_limit=values["output_limit"],
     )
+    period = job.schedule.min_period
+    if job.catchup == "all" and period and catchup_window / period > MAX_CATCHUP:
+        raise ConfigError(
+            f"jobs.{name}.catchup_window: {catchup_window:g}s holds up to"
+            f" {catchup_window / period:.0f} firings of this schedule; 'catchup: all' runs at"
+            f" most {MAX_CATCHUP}"
+        )
+    return job

@@ -97,6 +97,13 @@ class Metrics:
             "Jobs whose schedule, target or mode differ between live replicas.",
             registry=r,
         )
+        self.paused = Gauge(
+            "singleton_job_paused",
+            "1 while the job is paused fleet-wide (singleton pause, pause_on_failure).",
+            ["job"],
+            registry=r,
+        )
+        self._paused_jobs: set[str] = set()
         self.clock_skew = Gauge(
             "singleton_clock_skew_seconds",
             "The coordinator's clock minus this host's, as last measured.",
@@ -163,3 +170,11 @@ class Metrics:
 
     def _on_clock(self, event: Event) -> None:
         self.clock_skew.set(event.fields.get("skew", 0.0))
+
+    def _on_pauses(self, event: Event) -> None:
+        now = set(event.fields.get("jobs", ()))
+        for job in now - self._paused_jobs:
+            self.paused.labels(job).set(1)
+        for job in self._paused_jobs - now:
+            self.paused.labels(job).set(0)
+        self._paused_jobs = now

@@ -4,6 +4,12 @@ Shutdown (SIGTERM, SIGINT): stop firing; standbys give up at once; running jobs 
 ``shutdown_grace`` to finish, then are stopped (``interrupted``) with ``kill_grace`` to
 die; every lease is released so a standby elsewhere takes over without waiting for a TTL.
 A second signal exits at once.
+
+Overlap (a firing due while this replica still works on the job's previous one) follows the
+job's ``overlap``: ``skip`` records it; ``buffer_one`` and ``buffer_all`` queue it to run
+right after; ``cancel_other`` stops the running firing and queues the new one; ``allow``
+(efficiency mode) starts it alongside. Every replica queues, not only the owner, so a
+buffered firing survives the owner's death; the ledger runs each once.
 """
 
 from __future__ import annotations
@@ -13,20 +19,23 @@ import os
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from types import FrameType
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from singleton import fleet
+from singleton import fleet, pausing
 from singleton.app import App
-from singleton.backends.base import Backend, Run, SharedState
+from singleton.backends.base import Backend, Outcome, Run, SharedState
 from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.events import Events, log_event
 from singleton.firing import Firer
-from singleton.jobs import Job
+from singleton.jobs import MAX_CATCHUP, Job
 from singleton.metrics import Metrics
-from singleton.schedule import run_id
+from singleton.pausing import Pause, PauseWatch
+from singleton.schedule import fires_between, run_id
 from singleton.scheduler import Scheduler
 from singleton.sentry import setup as sentry_setup
 from singleton.server import Endpoint, Route, json_route
@@ -41,6 +50,11 @@ PRUNE_EVERY = 3600.0
 SKEW_EVERY = 60.0
 #: How long a replica's published fingerprints outlive its last publication.
 FLEET_TTL = 3 * SKEW_EVERY
+#: At most this many firings wait behind a running one (``overlap: buffer_all``); more are
+#: recorded as ``overlap`` skips.
+MAX_BUFFERED = 100
+#: ``catchup: latest`` looks this far back through a schedule for its latest firing.
+MAX_CATCHUP_SCAN = 100 * MAX_CATCHUP
 
 
 class Runner:
@@ -59,14 +73,22 @@ class Runner:
         if self.sentry is not None:
             self.events.add(self.sentry)
         self.stopping = threading.Event()
-        self.firer = Firer(backend, self.replica, clock, self.events, self.stopping)
+        self.pauses = PauseWatch(backend, clock)
+        self.firer = Firer(backend, self.replica, clock, self.events, self.stopping, self.pauses)
         self.scheduler = Scheduler(list(app.jobs.values()), clock, self.dispatch)
-        self._in_flight: dict[str, threading.Thread] = {}
+        #: Per job, the threads working on its firings here (more than one: ``allow``).
+        self._in_flight: dict[str, list[threading.Thread]] = {}
+        #: Per job, firings waiting for the running one (``buffer_*``, ``cancel_other``).
+        self._buffered: dict[str, deque[datetime]] = {}
         self._lock = threading.Lock()
         self._signals = 0
         self._scheduling = threading.Event()
+        #: Where the schedule starts: catch-up covers the window before it.
+        self._since = clock.now()
         self._scheduler_thread = threading.Thread(
-            target=self.scheduler.run, args=(self.stopping,), name="scheduler", daemon=True
+            target=lambda: self.scheduler.run(self.stopping, self._since),
+            name="scheduler",
+            daemon=True,
         )
         self.endpoint: Endpoint | None = None
         if app.settings.server.listen:
@@ -76,20 +98,37 @@ class Runner:
 
     def dispatch(self, job: Job, scheduled_at: datetime) -> None:
         """Start a firing in its own thread, unless this replica is still busy with the
-        job's previous firing: as its owner it records the new one as an ``overlap`` skip;
-        as a standby it leaves the new one to the owner."""
+        job's previous firing: then the job's ``overlap`` policy decides."""
         with self._lock:
-            busy = job.name in self._in_flight
-            if not busy:
-                thread = threading.Thread(
-                    target=self._fire,
-                    args=(job, scheduled_at),
-                    name=f"fire-{job.name}",
-                    daemon=True,
-                )
-                self._in_flight[job.name] = thread
-                thread.start()
+            if job.overlap == "allow" or job.name not in self._in_flight:
+                self._start(job, deque([scheduled_at]), late_ok=False)
                 return
+            dropped = self._buffer(job, scheduled_at)
+        if job.overlap == "cancel_other" and self.firer.cancel(job.name):
+            self.events.emit("cancelling", job.name, for_run=run_id(job.name, scheduled_at))
+        for when in dropped:
+            self._overlapped(job, when)
+
+    def _buffer(self, job: Job, scheduled_at: datetime) -> list[datetime]:
+        """Queue ``scheduled_at`` behind the running firing as the policy says (the caller
+        holds the lock); the firings it drops, to be recorded as overlaps."""
+        queue = self._buffered.setdefault(job.name, deque())
+        if job.overlap == "cancel_other":
+            dropped = list(queue)  # superseded by a newer firing, as the running one is
+            queue.clear()
+        elif job.overlap == "buffer_all" and len(queue) < MAX_BUFFERED:
+            dropped = []
+        elif job.overlap == "buffer_one" and not queue:
+            dropped = []
+        else:
+            return [scheduled_at]
+        queue.append(scheduled_at)
+        self.events.emit("buffered", job.name, run_id(job.name, scheduled_at), waiting=len(queue))
+        return dropped
+
+    def _overlapped(self, job: Job, scheduled_at: datetime) -> None:
+        """A firing this replica will not run: its owner records it as an ``overlap``; a
+        standby leaves that to the owner."""
         run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
         if self.firer.owns(job.name):
             threading.Thread(target=self._skip_overlap, args=(run,), daemon=True).start()
@@ -98,14 +137,120 @@ class Runner:
                 "skipped", job.name, run.run_id, reason="busy_standing_by", recorded=False
             )
 
-    def _fire(self, job: Job, scheduled_at: datetime) -> None:
+    def _start(self, job: Job, firings: deque[datetime], late_ok: bool) -> None:
+        """A thread that runs ``firings`` in order, then whatever was buffered meanwhile
+        (the caller holds the lock)."""
+        thread = threading.Thread(
+            target=self._fire_in_turn,
+            args=(job, firings, late_ok),
+            name=f"fire-{job.name}",
+            daemon=True,
+        )
+        self._in_flight.setdefault(job.name, []).append(thread)
+        thread.start()
+
+    def _fire_in_turn(self, job: Job, firings: deque[datetime], late_ok: bool) -> None:
+        me = threading.current_thread()
         try:
-            self.firer.fire(job, scheduled_at)
+            while True:
+                if not firings:
+                    with self._lock:
+                        queue = self._buffered.get(job.name)
+                        if not queue or self.stopping.is_set():
+                            self._done(job, me)
+                            return
+                        firings.append(queue.popleft())
+                    late_ok = True  # buffered in time; it runs late on purpose
+                self._fire(job, firings.popleft(), late_ok)
+        except BaseException:
+            with self._lock:
+                self._done(job, me)
+            raise
+
+    def _done(self, job: Job, thread: threading.Thread) -> None:
+        """Forget a finished thread (the caller holds the lock)."""
+        threads = self._in_flight.get(job.name, [])
+        if thread in threads:
+            threads.remove(thread)
+        if not threads:
+            self._in_flight.pop(job.name, None)
+            left = self._buffered.pop(job.name, None)
+            if left:
+                log.info(
+                    "buffered firings dropped at shutdown",
+                    extra={"fields": {"job": job.name, "firings": len(left)}},
+                )
+
+    def _fire(self, job: Job, scheduled_at: datetime, late_ok: bool) -> None:
+        try:
+            outcome = self.firer.fire(job, scheduled_at, late_ok=late_ok)
+            self._watch_failures(job, outcome)
         except Exception as exc:
             log.exception("firing failed", extra={"fields": {"job": job.name, "error": str(exc)}})
-        finally:
-            with self._lock:
-                self._in_flight.pop(job.name, None)
+
+    def _watch_failures(self, job: Job, outcome: Outcome | None) -> None:
+        """``pause_on_failure: N``: after a failed run, pause the job fleet-wide if the
+        ledger's last N runs all failed (whichever replicas ran them)."""
+        limit = job.pause_on_failure
+        if limit is None or outcome is None or outcome.state not in pausing.FAILURES:
+            return
+        rows = self.backend.history(job.name, limit * job.max_attempts * 4 + 50)
+        streak = pausing.failure_streak(rows)
+        if streak < limit or self.pauses.get(job.name) is not None:
+            return
+        note = f"{streak} consecutive failed runs (pause_on_failure: {limit})"
+        pausing.pause(self.backend, Pause(job.name, self.replica, self.clock.now(), note))
+        self.pauses.refresh()
+        self.events.emit("paused", job.name, by=self.replica, note=note)
+
+    def _start_catch_ups(self, since: datetime) -> None:
+        with self._lock:
+            for job in self.app.jobs.values():
+                if job.catchup == "none":
+                    continue
+                thread = threading.Thread(
+                    target=self._catch_up,
+                    args=(job, since),
+                    name=f"catch-up-{job.name}",
+                    daemon=True,
+                )
+                self._in_flight.setdefault(job.name, []).append(thread)
+                thread.start()
+
+    def _watch_pauses(self) -> None:
+        names = set(self.app.jobs)
+
+        def seen(pauses: Mapping[str, Pause]) -> None:
+            self.events.emit("pauses", "-", jobs=sorted(names & set(pauses)))
+
+        self.pauses.run(self.stopping, seen)
+
+    def _catch_up(self, job: Job, until: datetime) -> None:
+        """``catchup``: the firings of the window before this replica started that the
+        ledger has never heard of (the whole fleet was down) are run now, oldest first, each
+        under its own run ID, so two replicas starting at once still run each once."""
+        try:
+            if job.catchup == "latest":
+                found = fires_between(
+                    job.schedule,
+                    until - timedelta(seconds=job.catchup_window),
+                    until,
+                    MAX_CATCHUP_SCAN,
+                )[-1:]
+            else:
+                found = fires_between(
+                    job.schedule, until - timedelta(seconds=job.catchup_window), until, MAX_CATCHUP
+                )
+            missed = deque(
+                when for when in found if not self.backend.attempts(run_id(job.name, when))
+            )
+        except Exception as exc:
+            missed = deque()
+            log.warning(
+                "catching up failed", extra={"fields": {"job": job.name, "error": str(exc)}}
+            )
+        self.events.emit("catching_up", job.name, missed=len(missed), policy=job.catchup)
+        self._fire_in_turn(job, missed, late_ok=True)
 
     def _skip_overlap(self, run: Run) -> None:
         try:
@@ -196,7 +341,10 @@ class Runner:
             },
         )
         scheduler = self._scheduler_thread
+        self._since = self.clock.now()
+        self._start_catch_ups(self._since)
         scheduler.start()
+        threading.Thread(target=self._watch_pauses, name="pauses", daemon=True).start()
         self._scheduling.set()
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         if self.endpoint is not None:
@@ -263,7 +411,7 @@ class Runner:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                threads = list(self._in_flight.values())
+                threads = [thread for each in self._in_flight.values() for thread in each]
             if not threads:
                 return True
             left = deadline - time.monotonic()

@@ -468,3 +468,20 @@ def fire_times(schedule: Schedule, start: datetime, count: int) -> list[datetime
         times.append(fire)
         moment = fire
     return times
+
+
+def fires_between(
+    schedule: Schedule, after: datetime, until: datetime, limit: int
+) -> list[datetime]:
+    """The firings in ``(after, until]``, oldest first; ConfigError when there are more than
+    ``limit`` (a range that large is a typo, and walking it would stall the caller)."""
+    times: list[datetime] = []
+    moment = after
+    while (fire := schedule.next_after(moment)) is not None and fire <= until:
+        if len(times) == limit:
+            raise ConfigError(
+                f"more than {limit} firings between {iso_z(after)} and {iso_z(until)}"
+            )
+        times.append(fire)
+        moment = fire
+    return times

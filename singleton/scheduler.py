@@ -43,10 +43,11 @@ class Scheduler:
         """The next instant of every scheduled job (for ``/status``)."""
         return {job.name: when for when, _, job in self._heap}
 
-    def run(self, stop: threading.Event) -> None:
-        now = self._clock.now()
+    def run(self, stop: threading.Event, since: datetime | None = None) -> None:
+        """Fire every instant strictly after ``since`` (default now) until ``stop``."""
+        start = since or self._clock.now()
         for index, job in enumerate(self._jobs):
-            self._push(job, index, now)
+            self._push(job, index, start)
         while self._heap and not stop.is_set():
             when, index, job = self._heap[0]
             delay = (when - self._clock.now()).total_seconds()

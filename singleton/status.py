@@ -4,12 +4,13 @@ the sidecar's ``/status``."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from singleton.backends.base import Attempt, Backend, owner_replica
 from singleton.clock import iso_z
 from singleton.jobs import Job
+from singleton.pausing import read as read_pauses
 from singleton.urls import redact
 
 
@@ -32,9 +33,12 @@ def lock_json(backend: Backend, name: str) -> dict[str, Any] | None:
 
 
 def snapshot(backend: Backend, jobs: list[Job]) -> list[dict[str, Any]]:
-    """Per job: schedule, mode, the lock's holder and the last attempt."""
+    """Per job: schedule, mode, the lock's holder, its pause (who, when, why, until) and
+    the last attempt."""
+    pauses = read_pauses(backend, datetime.now(UTC))
     result = []
     for job in jobs:
+        paused = pauses.get(job.name)
         last = backend.history(job.name, 1)
         result.append(
             {
@@ -42,6 +46,7 @@ def snapshot(backend: Backend, jobs: list[Job]) -> list[dict[str, Any]]:
                 "schedule": job.schedule.describe(),
                 "mode": job.mode,
                 "lock": lock_json(backend, job.name),
+                "paused": paused.to_json() if paused else None,
                 "last_attempt": attempt_json(last[0]) if last else None,
             }
         )
@@ -77,6 +82,7 @@ def replica_status(
                 "next": iso_z(next_fire[job.name]) if job.name in next_fire else None,
                 "held_here": held_here.get(job.name),
                 "lock": seen.get("lock"),
+                "paused": seen.get("paused"),
                 "last_attempt": seen.get("last_attempt"),
             }
         )

@@ -40,6 +40,9 @@ JOB_DEFAULTS: dict[str, Any] = {
     "retry_backoff": 0.05,
     "on_orphan": "rerun",
     "overlap": "skip",
+    "catchup": "none",
+    "catchup_window": 10.0,
+    "pause_on_failure": None,
     "timeout": None,
     "output_limit": 65536,
 }

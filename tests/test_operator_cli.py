@@ -152,7 +152,8 @@ def test_status_json_shows_each_lock_and_last_attempt_in_the_contract_shape(
     by_name = {job["name"]: job for job in data["jobs"]}
     assert set(by_name) == {"work", "idle"}
     for job in data["jobs"]:
-        assert set(job) == {"name", "schedule", "mode", "lock", "last_attempt"}
+        assert set(job) == {"name", "schedule", "mode", "lock", "paused", "last_attempt"}
+        assert job["paused"] is None
         assert isinstance(job["schedule"], str) and job["mode"] == "singleton"
 
     lock = by_name["work"]["lock"]

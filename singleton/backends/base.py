@@ -180,6 +180,7 @@ class Outcome:
 
     state: str
     error: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -856,7 +856,7 @@ class _Listener:
     def _run(self) -> None:
         pause = LISTEN_BACKOFF[0]
         while not self._stop.is_set():
-            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 pubsub.psubscribe(self._keys.released)
                 while not self._stop.is_set():
