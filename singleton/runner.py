@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from singleton import fleet, pausing
 from singleton.app import App
 from singleton.backends.base import Backend, Outcome, Run, SharedState
-from singleton.clock import SYSTEM_CLOCK, Clock
+from singleton.clock import SYSTEM_CLOCK, Clock, iso_z
 from singleton.events import Events, log_event
 from singleton.firing import Firer
 from singleton.jobs import MAX_CATCHUP, Job
@@ -330,6 +330,7 @@ class Runner:
             signal.signal(signal.SIGINT, self._on_signal)
         for warning in self.app.warnings(self.backend):
             log.warning(warning)
+        self._since = self.clock.now()
         log.info(
             "started",
             extra={
@@ -337,11 +338,11 @@ class Runner:
                     "replica": self.replica,
                     "jobs": len(self.app.jobs),
                     "backend": redact(self.backend.url),
+                    "schedule_from": iso_z(self._since),
                 }
             },
         )
         scheduler = self._scheduler_thread
-        self._since = self.clock.now()
         self._start_catch_ups(self._since)
         scheduler.start()
         threading.Thread(target=self._watch_pauses, name="pauses", daemon=True).start()
