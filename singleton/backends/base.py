@@ -176,7 +176,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How an attempt ended, as :meth:`Ledger.finish` records it."""
+    """How an attempt ended, as :meth:`Ledger.finish` records it.
+
+    ``reason`` says why, where the state alone does not: an attempt cancelled because a newer
+    firing of its job arrived (overlap policy ``cancel_other``) ends ``interrupted`` with
+    reason ``overlap``, so that nobody mistakes it for an orphan to take over. None leaves the
+    attempt's ``reason`` null.
+    """
 
     state: str
     error: str | None = None
@@ -259,8 +265,14 @@ class Ledger(Protocol):
         ...
 
     def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:
-        """Record how ``attempt`` ended, only if it is ``running`` under ``lease``'s token.
-        Returns False (and writes nothing) for a stale owner."""
+        """Record how ``attempt`` ended (``outcome``'s state, error and reason, each None
+        stored as null, and the time), only if it is ``running`` under ``lease``'s token.
+        Returns False (and writes nothing) for a stale owner.
+
+        The attempt row alone fences this write, atomically on the coordinator: its token and
+        its ``running`` state, which a takeover ends by marking it ``abandoned``. The lease
+        need not still be held: an ``overlap: allow`` job releases its lock right after the
+        claim, and its outcome must still be recorded."""
         ...
 
     def skip(self, run: Run, reason: str, replica: str) -> bool:

@@ -998,7 +998,12 @@ class EtcdBackend(Composed):
 
     def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:
         """Read the attempt, then write it back only if nothing changed it meanwhile (the
-        only other writer of a running attempt is a takeover marking it abandoned)."""
+        only other writer of a running attempt is a takeover marking it abandoned).
+
+        The transaction compares the attempt key's mod revision, not the lock key: the row's
+        token and ``running`` state as read fence the write, and etcd checks that they still
+        hold, atomically. The lease need not be held any more (``overlap: allow`` releases
+        the lock right after the claim and must still record its outcome)."""
         key = self._attempt_key(run.run_id, attempt)
         for _ in range(CAS_ROUNDS):
             results, _ = self._read(_get(key))
@@ -1009,7 +1014,11 @@ class EtcdBackend(Composed):
             if row.state != RUNNING or row.token != lease.token:
                 return False
             done = replace(
-                row, state=outcome.state, error=outcome.error, finished_at=self._clock.now()
+                row,
+                state=outcome.state,
+                error=outcome.error,
+                reason=outcome.reason,
+                finished_at=self._clock.now(),
             )
             reply = self._txn([_unchanged(key, kv.mod)], [_put(key, _encode(done))], [])
             if reply.get("succeeded"):

@@ -143,7 +143,11 @@ class MemoryBackend(Composed):
             for row in self._runs.get(run.run_id, []):
                 if row.attempt == attempt and row.state == RUNNING and row.token == lease.token:
                     done = replace(
-                        row, state=outcome.state, error=outcome.error, finished_at=self._clock.now()
+                        row,
+                        state=outcome.state,
+                        error=outcome.error,
+                        reason=outcome.reason,
+                        finished_at=self._clock.now(),
                     )
                     self._replace(row, done)
                     return True

@@ -10,8 +10,10 @@ Why these choices:
   that bumps the token column; the row outlives its lease, so the counter survives release.
 * Every operation is one statement in autocommit — the fused fast paths too, as CTEs — so it
   is one round trip, and the server never waits on a client inside a transaction: a replica
-  that stalls mid-operation leaves no row lock behind. Ledger writes lock their lease's row in
-  the same statement, so a stale owner cannot write.
+  that stalls mid-operation leaves no row lock behind. A claim locks its lease's row in the
+  same statement, so a stale owner cannot write; a finish compares the attempt row's token
+  and ``running`` state, not the lease (``overlap: allow`` releases the lock right after the
+  claim), and a takeover marks that row abandoned.
 * A renewal must return, or fail, before its lease's local deadline. TCP keepalives and
   ``tcp_user_timeout`` find a dead peer, but a stopped server's kernel still acknowledges our
   packets, and nothing at the TCP level ever fires. So every statement runs under a watchdog
@@ -627,6 +629,7 @@ class PostgresBackend:
             "token": lease.token,
             "state": outcome.state,
             "error": outcome.error,
+            "reason": outcome.reason,
             "now": self._clock.now(),
         }
 

@@ -191,8 +191,11 @@ SELECT EXISTS (SELECT FROM lease),
        (SELECT coalesce(max(token), 0) FROM {schema}.attempts WHERE job = %(job)s)
 
 -- name: finish
+-- Fenced by the attempt row alone (its token, and its state still running: a takeover marks
+-- it abandoned), not by the lock: an overlap: allow job lets go of its lock right after the
+-- claim and must still record how its attempt ended.
 UPDATE {schema}.attempts
-   SET state = %(state)s, error = %(error)s, finished_at = %(now)s
+   SET state = %(state)s, error = %(error)s, reason = %(reason)s, finished_at = %(now)s
  WHERE run_id = %(run_id)s AND attempt = %(attempt)s AND token = %(token)s
    AND state = 'running'
 
@@ -203,7 +206,7 @@ WITH lock_row AS (
     SELECT name FROM {schema}.locks WHERE name = %(name)s FOR UPDATE
 ), finished AS (
     UPDATE {schema}.attempts
-       SET state = %(state)s, error = %(error)s, finished_at = %(now)s
+       SET state = %(state)s, error = %(error)s, reason = %(reason)s, finished_at = %(now)s
      WHERE run_id = %(run_id)s AND attempt = %(attempt)s AND token = %(token)s
        AND state = 'running'
        AND EXISTS (SELECT FROM lock_row)

@@ -289,11 +289,12 @@ end
 """
 
 _FINISH_LIB = """
-local function finish(key, token, state, err, now)
+local function finish(key, token, state, err, reason, now)
   if redis.call('HGET', key, 'state') ~= 'running' or redis.call('HGET', key, 'token') ~= token
   then return 0 end
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   if err ~= '' then redis.call('HSET', key, 'error', err) end
+  if reason ~= '' then redis.call('HSET', key, 'reason', reason) end
   return 1
 end
 """
@@ -416,17 +417,21 @@ return {1, got[2], c[1], c[2], c[3]}
 """
     )
 
-    # KEYS: attempt   ARGV: token, state, error ('' for none), now   → 1 | 0 stale
-    FINISH = _FINISH_LIB + "return finish(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+    # KEYS: attempt   ARGV: token, state, error ('' for none), reason ('' for none), now
+    # → 1 | 0 stale
+    # Fenced by the attempt's own token and running state (a takeover marks it abandoned),
+    # not by the lock: an overlap: allow job lets go of its lock right after the claim and
+    # must still record its outcome.
+    FINISH = _FINISH_LIB + "return finish(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
 
-    # KEYS: attempt, lock   ARGV: token, state, error, now, owner, keep (ms), channel
+    # KEYS: attempt, lock   ARGV: token, state, error, reason, now, owner, keep (ms), channel
     # → 1 | 0 stale (released either way)
     FINISH_AND_RELEASE = (
         _FINISH_LIB
         + _RELEASE_LIB
         + """
-local done = finish(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-release(KEYS[2], ARGV[5], ARGV[6], ARGV[7])
+local done = finish(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+release(KEYS[2], ARGV[6], ARGV[7], ARGV[8])
 return done
 """
     )
@@ -622,7 +627,13 @@ return 1
             self.run(
                 "FINISH",
                 [keys.attempt(run.run_id, attempt)],
-                [lease.token, outcome.state, outcome.error or "", iso_z(now, millis=True)],
+                [
+                    lease.token,
+                    outcome.state,
+                    outcome.error or "",
+                    outcome.reason or "",
+                    iso_z(now, millis=True),
+                ],
             )
         )
 
@@ -645,6 +656,7 @@ return 1
                     lease.token,
                     outcome.state,
                     outcome.error or "",
+                    outcome.reason or "",
                     iso_z(now, millis=True),
                     lease.owner,
                     keep,

@@ -11,8 +11,10 @@ Why these choices:
   twice; the row outlives its lease, so the counter survives release.
 * WAL with ``synchronous=FULL``: a token that was handed out is on disk, so a power loss
   cannot make the counter go backwards.
-* Both fused fast paths are one ``BEGIN IMMEDIATE`` transaction each, and every ledger write
-  checks the lease in the same transaction (a stale owner cannot write).
+* Both fused fast paths are one ``BEGIN IMMEDIATE`` transaction each. A claim checks the lease
+  in the same transaction; a finish is one ``UPDATE … WHERE`` on the attempt's token and
+  ``running`` state, not the lease (``overlap: allow`` releases the lock right after the
+  claim), and a takeover marks the attempt abandoned: a stale owner cannot write either way.
 """
 
 from __future__ import annotations
@@ -394,11 +396,12 @@ class SqliteBackend:
         self, conn: sqlite3.Connection, run: Run, lease: Lease, attempt: int, outcome: Outcome
     ) -> bool:
         changed = conn.execute(
-            "UPDATE singleton_attempts SET state = ?, error = ?, finished_at = ?"
+            "UPDATE singleton_attempts SET state = ?, error = ?, reason = ?, finished_at = ?"
             " WHERE run_id = ? AND attempt = ? AND token = ? AND state = ?",
             (
                 outcome.state,
                 outcome.error,
+                outcome.reason,
                 iso_z(self._clock.now(), millis=True),
                 run.run_id,
                 attempt,

@@ -33,7 +33,8 @@ Why these choices:
   that checks the lock node still exists, so a stale owner cannot write; the compare-and-set
   on the attempt number is a ``create`` that fails if the attempt exists, and every read the
   decision rests on is pinned by a version check in the same ``multi`` (reads may come from a
-  follower that lags; the ``multi`` always goes through the leader).
+  follower that lags; the ``multi`` always goes through the leader). A finish needs only its
+  attempt: a ``set`` at the version read, refused if a takeover marked it abandoned.
 * **Shared state is znodes too**: ``{prefix}/state/{namespace}/{name}``, one node per key, so a
   scan lists one namespace's children, never the whole tree. A TTL is kept in the node's data
   and measured from the node's ``mtime``, the leader's clock when it wrote the value, against
@@ -842,6 +843,11 @@ class ZookeeperBackend(Composed):
         )
 
     def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:
+        """Read the attempt, then set it only at the version read: ZooKeeper refuses the
+        write if anything (a takeover marking it abandoned) changed the node meanwhile, so
+        the row's token and ``running`` state fence it atomically. No check on the lock node:
+        the lease need not be held any more (``overlap: allow`` releases the lock right after
+        the claim and must still record its outcome)."""
         self._ensure_connected()
         path = f"{self._run_dir(run.run_id)}/{attempt:010d}"
         for _ in range(CAS_TRIES):
@@ -853,7 +859,13 @@ class ZookeeperBackend(Composed):
             row = _decode(data)
             if row.state != RUNNING or row.token != lease.token:
                 return False
-            done = replace(row, state=outcome.state, error=outcome.error, finished_at=self._now())
+            done = replace(
+                row,
+                state=outcome.state,
+                error=outcome.error,
+                reason=outcome.reason,
+                finished_at=self._now(),
+            )
             body = _encode(done)
             try:
                 self._wait(self._client.set_async(path, body, stat.version), "finish")

@@ -24,6 +24,7 @@ import pytest
 from singleton.backends.base import (
     ABANDONED,
     FAILED,
+    INTERRUPTED,
     RUNNING,
     SKIPPED,
     SUCCEEDED,
@@ -325,6 +326,59 @@ class BackendContract:
         other.claim(run, live, seen=1)
         assert not backend.finish(run, stale, 1, Outcome(SUCCEEDED))
         assert [a.state for a in other.attempts(run.run_id)] == [RUNNING, ABANDONED]
+
+    def test_finish_records_a_reason(self, backend: Backend, other: Backend, name: str) -> None:
+        run = make_run(name)
+        lease = self.acquire(backend, name)
+        backend.claim(run, lease)
+        outcome = Outcome(INTERRUPTED, "cancelled: a newer firing arrived", reason="overlap")
+        assert backend.finish(run, lease, 1, outcome)
+        (row,) = other.attempts(run.run_id)
+        assert (row.state, row.error, row.reason) == (INTERRUPTED, outcome.error, "overlap")
+        fused = make_run(f"{name}-fused")
+        got = backend.acquire_and_claim(fused, self.ttl, new_owner("a"))
+        assert got is not None
+        assert backend.finish_and_release(fused, got[0], 1, outcome)
+        (row,) = other.attempts(fused.run_id)
+        assert (row.state, row.error, row.reason) == (INTERRUPTED, outcome.error, "overlap")
+
+    def test_finish_without_a_reason_leaves_it_null(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        run = make_run(name)
+        lease = self.acquire(backend, name)
+        backend.claim(run, lease)
+        assert backend.finish(run, lease, 1, Outcome(FAILED, "exit 3"))
+        (row,) = other.attempts(run.run_id)
+        assert (row.state, row.error, row.reason) == (FAILED, "exit 3", None)
+        assert [a.reason for a in other.history(name, 0)] == [None]
+
+    def test_finish_after_release_is_recorded(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        run = make_run(name)
+        lease = self.acquire(backend, name)
+        backend.claim(run, lease)
+        backend.release(lease)
+        assert backend.finish(run, lease, 1, Outcome(SUCCEEDED))
+        (row,) = other.attempts(run.run_id)
+        assert (row.state, row.token) == (SUCCEEDED, lease.token)
+        assert row.finished_at is not None
+
+    def test_finish_after_release_and_takeover_is_refused(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        run = make_run(name)
+        first = self.acquire(backend, name)
+        backend.claim(run, first)
+        backend.release(first)
+        second = self.acquire(other, name)
+        assert other.claim(run, second, seen=1).attempt is not None
+        assert not backend.finish(run, first, 1, Outcome(SUCCEEDED))
+        assert [(a.attempt, a.state) for a in other.attempts(run.run_id)] == [
+            (2, RUNNING),
+            (1, ABANDONED),
+        ]
 
     def test_finish_twice_is_refused(self, backend: Backend, name: str) -> None:
         run = make_run(name)
