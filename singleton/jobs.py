@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from singleton.config import BUILTIN_DEFAULTS, JobConfig, JobSettings, Settings
+from singleton.durations import format_duration
 from singleton.errors import ConfigError
 from singleton.schedule import Schedule, at_schedule, cron_schedule, every_schedule, zone
 from singleton.targets import CallTarget, CommandTarget, Target, load_callable
@@ -215,9 +216,9 @@ def _resolve_one(name: str, settings: Settings, base: Path) -> Job:
     catchup_window = values.get("catchup_window") or values["misfire_grace"]
     if catchup_window > settings.backend.ledger_retention:
         raise ConfigError(
-            f"jobs.{name}.catchup_window: {catchup_window:g}s is longer than"
-            f" backend.ledger_retention ({settings.backend.ledger_retention:g}s): the ledger"
-            " could not tell which of those firings ran"
+            f"jobs.{name}.catchup_window: {format_duration(catchup_window)} is longer than"
+            f" backend.ledger_retention ({format_duration(settings.backend.ledger_retention)}):"
+            " the ledger could not tell which of those firings ran"
         )
     job = Job(
         name=name,
@@ -244,7 +245,7 @@ def _resolve_one(name: str, settings: Settings, base: Path) -> Job:
     period = job.schedule.min_period
     if job.catchup == "all" and period and catchup_window / period > MAX_CATCHUP:
         raise ConfigError(
-            f"jobs.{name}.catchup_window: {catchup_window:g}s holds up to"
+            f"jobs.{name}.catchup_window: {format_duration(catchup_window)} holds up to"
             f" {catchup_window / period:.0f} firings of this schedule; 'catchup: all' runs at"
             f" most {MAX_CATCHUP}"
         )

@@ -121,6 +121,9 @@ def test_builtin_defaults_fill_every_setting_left_unset(tmp_path: Path) -> None:
     assert job.retry_backoff == 10.0
     assert job.on_orphan == "rerun"
     assert job.overlap == "skip"
+    assert job.catchup == "none"
+    assert job.catchup_window == job.misfire_grace
+    assert job.pause_on_failure is None
     assert job.timeout is None
     assert job.output_limit == 64 * 1024
 
@@ -749,3 +752,59 @@ def test_the_public_decorator_registers_a_job_from_jobs_modules(
     )
     path = write_config(tmp_path, f"jobs_modules: [{module}]\njobs: {{}}\n")
     assert load(path).jobs[name].schedule.describe() == "every 5s"
+
+
+# --------------------------------------------------------------------------- operator controls
+
+
+def test_a_catchup_window_longer_than_the_ledger_retention_is_refused(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        backend: {url: "memory://", ledger_retention: 1d}
+        jobs:
+          nightly:
+            cron: "0 2 * * *"
+            command: ["true"]
+            catchup: all
+            catchup_window: 2d
+    """,
+    )
+    longer = r":4: jobs\.nightly\.catchup_window: 2d is longer than backend\.ledger_retention"
+    with pytest.raises(ConfigError, match=longer):
+        load(path)
+
+
+def test_catchup_all_over_more_firings_than_one_start_runs_is_refused(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        jobs:
+          tick:
+            every: 1s
+            command: ["true"]
+            catchup: all
+            catchup_window: 1h
+    """,
+    )
+    with pytest.raises(ConfigError, match=r"holds up to 3600 firings .* at most 1000"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("overlap", "queue"), ("catchup", "some"), ("pause_on_failure", "0"), ("catchup_window", "5")],
+)
+def test_operator_control_keys_are_checked(tmp_path: Path, key: str, value: str) -> None:
+    path = write_config(
+        tmp_path,
+        f"""
+        jobs:
+          tick:
+            every: 1s
+            command: ["true"]
+            {key}: {value}
+    """,
+    )
+    with pytest.raises(ConfigError, match=rf":6: jobs\.tick\.{key}: "):
+        load(path)

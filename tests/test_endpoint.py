@@ -7,11 +7,13 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from singleton import pausing
 from tests.replicas import Fleet, fleet, wait_for
 from tests.servers import free_port
 from tests.servers.redis import redis_server
@@ -113,3 +115,18 @@ def test_a_stopped_coordinator_shows_in_status_but_not_in_readyz(tmp_path: Path)
         assert backend["reachable"] is False and backend["error"]
         assert get(port, "/readyz") == (200, "ok\n")
         assert get(port, "/healthz") == (200, "ok\n")
+
+
+def test_a_paused_job_shows_its_pause_in_status_and_metrics(sidecar: tuple[Fleet, int]) -> None:
+    group, port = sidecar
+    pausing.pause(group.ledger, pausing.Pause("tick", "alice@ops", datetime.now(UTC), "disk full"))
+
+    def paused_metric() -> bool:
+        return samples(port).get(("singleton_job_paused", (("job", "tick"),))) == 1.0
+
+    wait_for("the pause in the metrics", paused_metric, timeout=10)
+    _, body = get(port, "/status")
+    [job] = json.loads(body)["jobs"]
+    assert job["paused"]["by"] == "alice@ops" and job["paused"]["note"] == "disk full"
+    pausing.resume(group.ledger, "tick")
+    wait_for("the resume in the metrics", lambda: not paused_metric(), timeout=10)
