@@ -194,6 +194,14 @@ def _job(loaded: app_module.App, name: str) -> Job:
     return loaded.jobs[name]
 
 
+def _note_pause(backend: Backend, job: str) -> None:
+    """``trigger`` and ``backfill`` run a paused job (they are explicit requests), but say so."""
+    paused = pausing.read(backend, datetime.now(UTC)).get(job)
+    if paused is not None:
+        line = _paused_line(job, paused.to_json())
+        click.echo(f"singleton: note: {line}; running it anyway", err=True)
+
+
 def _firer(loaded: app_module.App, backend: Backend, stopping: threading.Event) -> Firer:
     """A replica of one firing at a time, for the commands that run jobs themselves."""
     events = Events(loaded.replica_id)
@@ -304,6 +312,7 @@ def trigger(config: Path, job: str) -> None:
         loaded = _load(config)
         _job(loaded, job)
         backend = loaded.open_backend()
+        _note_pause(backend, job)
     firer = _firer(loaded, backend, threading.Event())
     signal.signal(signal.SIGTERM, lambda signum, frame: firer.interrupt_all())
     try:
@@ -331,7 +340,13 @@ def _until(value: str | None, now: datetime) -> datetime | None:
     try:
         until = now + timedelta(seconds=parse_duration(value))
     except ConfigError:
-        until = _when(value)
+        try:
+            until = parse_iso(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r}: expected a duration (2h) or an ISO-8601 time with its zone",
+                param_hint="--until",
+            ) from None
     if until <= now:
         raise click.BadParameter(f"{value!r} is not in the future", param_hint="--until")
     return until
@@ -413,6 +428,7 @@ def backfill(config: Path, job: str, start_text: str, end_text: str, dry_run: bo
     try:
         with _errors():
             planned = backfilling.plan(backend, target, start, end)
+            _note_pause(backend, job)
             if dry_run:
                 _backfill_table(planned, dry_run=True)
                 return

@@ -148,6 +148,19 @@ def test_pause_refuses_an_unknown_job_and_a_past_until(tmp_path: Path, backend_u
     assert "Traceback" not in unknown.stderr + past.stderr
 
 
+def test_a_manual_trigger_runs_a_paused_job_and_says_so(tmp_path: Path, backend_url: str) -> None:
+    out = tmp_path / "runs.log"
+    jobs = {"tick": {"at": "2099-01-01T00:00:00Z", "command": span_command(out, 0)}}
+    with fleet(tmp_path, backend_url, jobs) as group:
+        paused = cli("pause", group.config, "tick", "--until", "1h")
+        triggered = cli("trigger", group.config, "tick")
+
+    assert paused.returncode == 0, paused.stderr
+    assert triggered.returncode == 0, triggered.stderr
+    assert "note: tick paused by" in triggered.stderr and "running it anyway" in triggered.stderr
+    assert len(spans(out)) == 1
+
+
 # --- catch-up --------------------------------------------------------------------------------
 
 
