@@ -146,6 +146,12 @@ def check(config: Path) -> None:
                 mine = fleet.fingerprints(loaded.jobs.values())
                 found = fleet.disagreements(fleet.published(backend), mine)
                 warnings += [fleet.describe(job, prints) for job, prints in found.items()]
+                paused = pausing.read(backend, datetime.now(UTC))
+                warnings += [
+                    _paused_line(name, item.to_json())
+                    for name, item in sorted(paused.items())
+                    if name in loaded.jobs
+                ]
             for warning in warnings:
                 click.echo(f"singleton: warning: {warning}", err=True)
         finally:

@@ -161,6 +161,15 @@ def test_a_manual_trigger_runs_a_paused_job_and_says_so(tmp_path: Path, backend_
     assert len(spans(out)) == 1
 
 
+def test_check_warns_about_a_paused_job(tmp_path: Path, backend_url: str) -> None:
+    with fleet(tmp_path, backend_url, {"tick": {"every": "1s", "command": ["true"]}}) as group:
+        cli("pause", group.config, "tick", "--note", "disk full")
+        checked = cli("check", group.config)
+
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: tick paused by" in checked.stderr and "disk full" in checked.stderr
+
+
 # --- catch-up --------------------------------------------------------------------------------
 
 
