@@ -14,7 +14,7 @@ import pytest
 from singleton.backends.memory import MemoryBackend
 from singleton.context import JobContext
 from singleton.errors import ConfigError
-from singleton.jobs import resolve
+from singleton.jobs import Job, resolve
 from singleton.runner import MAX_BUFFERED
 from singleton.schedule import run_id
 from singleton.targets import CommandTarget
@@ -129,8 +129,9 @@ def test_buffer_all_keeps_at_most_its_bound_waiting(tmp_path: Path) -> None:
         runner.stop()  # the buffered firings are dropped, not run, at shutdown
 
 
-def test_cancel_other_stops_the_running_firing_and_runs_the_new_one(tmp_path: Path) -> None:
-    backend = MemoryBackend()
+def cancel_one_for_the_next(tmp_path: Path, backend: MemoryBackend) -> tuple[Job, datetime]:
+    """Under ``cancel_other``: a firing runs, the next one comes and replaces it, and runs
+    to success. Returns the job and the cancelled firing."""
     with until_set(threading.Event()) as opened:
         gate = Gate(opened)
         job = make_job("report", gate, overlap="cancel_other")
@@ -142,6 +143,12 @@ def test_cancel_other_stops_the_running_firing_and_runs_the_new_one(tmp_path: Pa
         wait_for("the new firing", lambda: len(gate.ran) == 2)
         opened.set()
         wait_for("it succeeded", lambda: states(backend, "report", second) == [(1, "succeeded")])
+    return job, first
+
+
+def test_cancel_other_stops_the_running_firing_and_runs_the_new_one(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    _, first = cancel_one_for_the_next(tmp_path, backend)
 
     [cancelled] = backend.attempts(run_id("report", first))
     assert (cancelled.state, cancelled.reason) == ("interrupted", "overlap")
@@ -150,23 +157,13 @@ def test_cancel_other_stops_the_running_firing_and_runs_the_new_one(tmp_path: Pa
 
 def test_a_cancelled_firing_is_not_taken_over_as_an_orphan(tmp_path: Path) -> None:
     backend = MemoryBackend()
-    with until_set(threading.Event()) as opened:
-        gate = Gate(opened)
-        job = make_job("report", gate, overlap="cancel_other")
-        runner, events = make_runner(tmp_path, backend, [job])
-        first, second, _ = three_firings()
-        runner.dispatch(job, first)
-        events.wait_for("started")
-        runner.dispatch(job, second)
-        wait_for("the new firing", lambda: len(gate.ran) == 2)
-        opened.set()
-        wait_for("it succeeded", lambda: states(backend, "report", second) == [(1, "succeeded")])
-        standby, standby_events = make_runner(tmp_path, backend, [job])
-        standby.firer.fire(job, first, late_ok=True)
+    job, first = cancel_one_for_the_next(tmp_path, backend)
+    standby, standby_events = make_runner(tmp_path, backend, [job])
 
-    assert (
-        standby_events.wait_for("skipped", reason="duplicate").fields["previous"] == "interrupted"
-    )
+    standby.firer.fire(job, first, late_ok=True)
+
+    duplicate = standby_events.wait_for("skipped", reason="duplicate")
+    assert duplicate.fields["previous"] == "interrupted"
     assert states(backend, "report", first) == [(1, "interrupted")]
 
 
