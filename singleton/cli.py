@@ -423,6 +423,7 @@ def backfill(config: Path, job: str, start_text: str, end_text: str, dry_run: bo
         )
     with _errors():
         loaded = _load(config)
+        _quiet_unless_asked(loaded)
         target = _job(loaded, job)
         retention = loaded.settings.backend.ledger_retention
         if start < now - timedelta(seconds=retention):
@@ -444,6 +445,14 @@ def backfill(config: Path, job: str, start_text: str, end_text: str, dry_run: bo
     _backfill_table(results, dry_run=False)
     if not all(f.done or f.succeeded for f in results):
         sys.exit(EXIT_JOB_FAILED)
+
+
+def _quiet_unless_asked(loaded: app_module.App) -> None:
+    """A line per state change would bury the progress bar and the summary; warnings and
+    errors still show, and ``--log-level`` brings the rest back."""
+    options: dict[str, Any] = click.get_current_context().find_root().obj or {}
+    if options.get("log_level") is None:
+        configure("warning", options.get("log_format") or loaded.settings.logging.format)
 
 
 def _backfill(
