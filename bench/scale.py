@@ -29,10 +29,10 @@ from tests.servers import free_port
 NOTE = """
 Redis backend (no persistence), text logs at `info` to a file, jobs `every: 60s` with one
 `anchor`, so each minute's firings all fall in the same second (the worst case for a
-burst). A window is one minute from 1 s before a burst; the figures are the median over
-two windows (one with `--quick`) (spread in brackets). **drift**: scheduled instant → the job's first line,
-over all firings of the window. **commands/min**: script calls and direct commands Redis
-received (calls inside scripts in brackets: the server's own work).
+burst). A window is one minute from 1 s before a burst; figures are the median over two
+windows (one with `--quick`), spread in brackets. **drift**: scheduled instant → the job's
+first line, over all firings of the window. **commands/min**: script calls and direct
+commands Redis received (calls inside scripts in brackets: the server's own work).
 """
 
 CONFIG_HEAD = """
