@@ -93,6 +93,9 @@ PRUNE_BATCH = 500
 STATE_PURGE_BATCH = 10
 #: Longest a woken standby waits before it returns, so fifty of them do not all try at once.
 WAKE_JITTER = 0.05
+#: A standby wakes this long after the holder's lease should have expired (the server
+#: counted its TTL from before our request, so the estimate is already a little late).
+EXPIRY_MARGIN = 0.002
 #: Back-off of the listener thread while it cannot reach the server.
 LISTEN_BACKOFF = (0.1, 2.0)
 #: Longest pause between two polls of a standby that has no subscription.
@@ -264,13 +267,15 @@ end
 """
 
 _ACQUIRE_LIB = """
--- SET NX PX with a token: {1, token} when granted, {0, counter} when busy. A retried
--- request that got through the first time finds its own owner (unique per acquisition)
--- and is granted again with the same token.
+-- SET NX PX with a token: {1, token} when granted, {0, counter, ms the holder's lease has
+-- left} when busy. A retried request that got through the first time finds its own owner
+-- (unique per acquisition) and is granted again with the same token.
 local function acquire(lock, counter, owner, ttl)
   local held = redis.call('GET', lock)
   if held == owner then return {1, tonumber(redis.call('GET', counter))} end
-  if held then return {0, tonumber(redis.call('GET', counter) or '0')} end
+  if held then
+    return {0, tonumber(redis.call('GET', counter) or '0'), redis.call('PTTL', lock)}
+  end
   local token = redis.call('INCR', counter)
   redis.call('SET', lock, owner, 'PX', ttl)
   return {1, token}
@@ -608,8 +613,9 @@ return 1
 
     def acquire_and_claim(
         self, keys: JobKeys, run: Run, ttl: float, owner: str, now: datetime
-    ) -> tuple[int, Claim | None]:
-        """(token, claim) when granted, (the counter, None) when busy."""
+    ) -> tuple[int, Claim | None, float | None]:
+        """(token, claim, None) when granted; (the counter, None, seconds the holder's lease
+        has left) when busy."""
         fields = _attempt_args(run, owner, now)
         got = self.run(
             "ACQUIRE_AND_CLAIM",
@@ -618,8 +624,9 @@ return 1
         )
         token = int(got[1])
         if not got[0]:
-            return token, None
-        return token, _claim(got[2:], run, token, fields)
+            left = int(got[2]) if len(got) > 2 else -1
+            return token, None, left / 1000 if left >= 0 else None
+        return token, _claim(got[2:], run, token, fields), None
 
     def finish(
         self, keys: JobKeys, run: Run, lease: Lease, attempt: int, outcome: Outcome, now: datetime
@@ -999,13 +1006,23 @@ class RedisBackend:
             return Claim(claim.latest, claim.attempt, before)
         return claim
 
-    def _busy(self, name: str, counter: int) -> None:
+    def _busy(self, name: str, counter: int, left: float | None = None) -> None:
         """After a refused acquire: remember the counter, and the releases of ``name`` seen
-        so far, so that a release before this thread's next :meth:`wait` is not missed."""
+        so far, so that a release before this thread's next :meth:`wait` is not missed; and
+        when the holder's lease runs out (``left`` seconds), so that the wait ends then."""
         self._observe(name, counter)
+        expiries = self._expiries()
+        if left is not None:
+            expiries[name] = self._clock.monotonic() + left + EXPIRY_MARGIN
+        else:
+            expiries.pop(name, None)
         listener = self._listener
         if listener is not None:
             self._seen_releases()[name] = listener.released(name)
+
+    def _expiries(self) -> dict[str, float]:
+        """Per thread: when the lease that last refused this thread expires (monotonic)."""
+        return cast(dict[str, float], self._seen.__dict__.setdefault("expiries", {}))
 
     def _seen_releases(self) -> dict[str, int]:
         """Per thread: how many releases of each lock it has seen (see :meth:`wait`)."""
@@ -1059,6 +1076,12 @@ class RedisBackend:
         with back-off until the subscription is back.
         """
         end = self._clock.monotonic() + timeout
+        # A dead holder never publishes a release: wake when its lease expires instead of
+        # sleeping out the whole timeout (a SIGKILLed owner's firing started up to a
+        # standby pause late). A live holder renews long before that, so this costs nothing.
+        expiry = self._expiries().pop(name, None)
+        if expiry is not None:
+            end = min(end, max(expiry, self._clock.monotonic()))
         listener = self._listen()
         patience = self._timeout  # a new subscription needs a round trip or two
         while (left := end - self._clock.monotonic()) > 0:
@@ -1110,11 +1133,11 @@ class RedisBackend:
         self._register(run.job)
         sent = self._clock.monotonic()
         with self._errors():
-            token, claim = self.scripts.acquire_and_claim(
+            token, claim, left = self.scripts.acquire_and_claim(
                 self.keys.job(run.job), run, ttl, owner, self._clock.now()
             )
         if claim is None:
-            self._busy(run.job, token)
+            self._busy(run.job, token, left)
             return None
         lease = Lease(run.job, owner, token, ttl, lease_deadline(sent, ttl))
         claim = self._with_memory(run.job, claim)
