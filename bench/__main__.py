@@ -17,6 +17,8 @@ from bench import contention, failover, firing, footprint, lock_cycle, scale
 from bench.report import Table, machine, markdown
 from bench.servers import Coordinators, coordinators, interruptible
 
+FINDINGS = Path(__file__).with_name("findings.md")
+
 Section = Callable[[Coordinators, bool], tuple[str, str, Table]]
 
 
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - began
     parts.append(f"The whole run took {total / 60:.1f} minutes.\n")
     print(parts[-1])
+    if args.only is None:
+        # The profile and what was changed because of it are written by hand (they quote
+        # runs of `python -m bench.profile`), and travel with every full report.
+        parts.append(FINDINGS.read_text())
     if not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(parts))
