@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,10 @@ burst). A window is one minute from 1 s before a burst; figures are the median o
 windows (one with `--quick`), spread in brackets. **drift**: scheduled instant → the job's
 first line, over all firings of the window. **commands/min**: script calls and direct
 commands Redis received (calls inside scripts in brackets: the server's own work).
+**retakes**: job starts that were attempt 2 or later of their run, i.e. a replica took the
+firing over because the owner's lease was lost (renewals late under load); the ledger
+records the first attempt `abandoned` and fencing tokens guard the resource.
+**repeats**: the same attempt of the same run started twice (must be 0).
 """
 
 CONFIG_HEAD = """
@@ -66,6 +71,8 @@ class Result:
     drift_p99: list[float] = field(default_factory=list)
     drift_max: list[float] = field(default_factory=list)
     started: list[float] = field(default_factory=list)  # job starts per window
+    again: list[float] = field(default_factory=list)  # of which attempts 2+ (takeovers)
+    repeated: list[float] = field(default_factory=list)  # an attempt started twice
     requests: list[float] = field(default_factory=list)
     inner: list[float] = field(default_factory=list)
 
@@ -90,14 +97,23 @@ def _redis_counts(servers: Coordinators) -> tuple[float, float]:
     return requests, inner
 
 
-def _drifts(marks: Path, instant: float) -> list[float]:
+def _drifts(marks: Path, instant: float) -> tuple[list[float], int, int]:
+    """The drift of every job start of the firing at ``instant``; how many of those starts
+    were a second (or later) attempt of a run (a takeover after a lost lease); and how many
+    repeated an attempt already started (must be none)."""
     found = []
+    again = 0
+    seen: set[tuple[str, str]] = set()
+    repeated = 0
     if marks.exists():
         for line in marks.read_text().splitlines():
-            parts = line.split()
-            if parts[0] == "start" and abs(float(parts[3]) - instant) < 0.5:
-                found.append(float(parts[2]) - instant)
-    return found
+            kind, _pid, when, scheduled, attempt, run_id = line.split()
+            if kind == "start" and abs(float(scheduled) - instant) < 0.5:
+                found.append(float(when) - instant)
+                again += int(attempt) > 1
+                repeated += (run_id, attempt) in seen
+                seen.add((run_id, attempt))
+    return found, again, repeated
 
 
 def _sleep_until(wall: float) -> None:
@@ -156,8 +172,10 @@ def scenario(
             result.requests.append(counts1[0] - counts0[0])
             result.inner.append(counts1[1] - counts0[1])
             cpu0, counts0 = cpu1, counts1
-            drifts = _drifts(marks, instant)
+            drifts, again, repeated = _drifts(marks, instant)
             result.started.append(len(drifts))
+            result.again.append(again)
+            result.repeated.append(repeated)
             result.drift_median.append(median(drifts))
             result.drift_p99.append(percentile(drifts, 99))
             result.drift_max.append(max(drifts) if drifts else math.nan)
@@ -180,24 +198,31 @@ def measure(servers: Coordinators, quick: bool = False) -> list[Result]:
 
 
 def table(results: list[Result]) -> list[list[str]]:
-    out = [["scenario", "ready after", "CPU s/min (all replicas)", "RSS (largest)",
-            "peak RSS", "drift median", "drift p99", "drift max", "job starts/min",
-            "commands/min"]]  # fmt: skip
-    for r in results:
-        commands = Figure.of(r.requests).show(unit="", scale=1, digits=0)
-        inner = Figure.of(r.inner).show(unit="", scale=1, digits=0)
-        out.append(
-            [
-                r.label,
-                Figure.of(r.startup).show(unit="s", scale=1, digits=1),
-                Figure.of(r.cpu).show(unit="s", scale=1, digits=1),
-                Figure.of(r.rss).show(unit="MiB", scale=1 / 2**20, digits=0),
-                Figure.of(r.peak).show(unit="MiB", scale=1 / 2**20, digits=0),
-                Figure.of(r.drift_median).show(),
-                Figure.of(r.drift_p99).show(),
-                Figure.of(r.drift_max).show(),
-                Figure.of(r.started).show(unit="", scale=1, digits=0),
-                f"{commands} [{inner}]",
-            ]
-        )
+    """One column per scenario (the rows would not fit across a page)."""
+
+    def count(runs: list[float]) -> str:
+        return Figure.of(runs).show(unit="", scale=1, digits=0)
+
+    def seconds(runs: list[float], digits: int = 2) -> str:
+        return Figure.of(runs).show(unit="s", scale=1, digits=digits)
+
+    def mib(runs: list[float]) -> str:
+        return Figure.of(runs).show(unit="MiB", scale=1 / 2**20, digits=0)
+
+    lines: list[tuple[str, Callable[[Result], str]]] = [
+        ("ready after start", lambda r: seconds(r.startup, 1)),
+        ("CPU per minute, all replicas", lambda r: seconds(r.cpu, 1)),
+        ("RSS at the window's end (largest replica)", lambda r: mib(r.rss)),
+        ("peak RSS (largest replica)", lambda r: mib(r.peak)),
+        ("drift median", lambda r: seconds(r.drift_median)),
+        ("drift p99", lambda r: seconds(r.drift_p99)),
+        ("drift max", lambda r: seconds(r.drift_max)),
+        ("job starts per minute", lambda r: count(r.started)),
+        ("of which retakes", lambda r: count(r.again)),
+        ("repeats", lambda r: count(r.repeated)),
+        ("Redis commands per minute", lambda r: count(r.requests)),
+        ("calls inside scripts per minute", lambda r: count(r.inner)),
+    ]
+    out = [["", *(r.label for r in results)]]
+    out += [[label, *(show(r) for r in results)] for label, show in lines]
     return out
