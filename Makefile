@@ -16,7 +16,7 @@ test: servers $(VENV)/.dev
 servers:
 	scripts/install-servers
 
-# Starts its own servers, prints the tables and writes docs/benchmarks.md (about 15 minutes).
+# Starts its own servers, prints the tables and writes docs/benchmarks.md (about 11 minutes).
 bench: servers $(VENV)/.bench
 	$(BIN)/python -m bench
 

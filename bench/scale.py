@@ -32,11 +32,11 @@ Redis backend (no persistence), text logs at `info` to a file, jobs `every: 60s`
 `anchor`, so each minute's firings all fall in the same second (the worst case for a
 burst). A window is one minute from 1 s before a burst; figures are the median over two
 windows (one with `--quick`), spread in brackets. **drift**: scheduled instant → the job's
-first line, over all firings of the window. **commands/min**: script calls and direct
-commands Redis received (calls inside scripts in brackets: the server's own work).
-**retakes**: job starts that were attempt 2 or later of their run, i.e. a replica took the
-firing over because the owner's lease was lost (renewals late under load); the ledger
-records the first attempt `abandoned` and fencing tokens guard the resource.
+first line, over all firings of the window. **Redis commands**: script calls and direct
+commands Redis received; calls made inside the scripts are the next row (the server's own
+work). **retakes**: job starts that were attempt 2 or later of their run: a replica found
+the first attempt orphaned and took the firing over (the ledger records it `abandoned`;
+fencing tokens guard the resource).
 **repeats**: the same attempt of the same run started twice (must be 0).
 """
 
