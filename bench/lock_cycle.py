@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pottery
 import redis
-import redis_lock
+import redis_lock  # type: ignore[import-untyped]
 from kazoo.client import KazooClient
 
 from bench.servers import BACKENDS, Coordinators
