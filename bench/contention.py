@@ -44,7 +44,7 @@ NOTE = """
 run ID at the same instant; the owner's job holds 0.3 s, the others stand by
 (`mode: singleton`) until the firing is done, then each acquires once, sees `succeeded` in
 the ledger and lets go. **commands/firing**: what the coordinator received for the whole
-firing (see each backend's counter below the table), idle background subtracted;
+firing (by the counter in the last column), idle background subtracted;
 **wake-ups/release**: standby waits that ended early, per lease released; **settle**: the
 instant → the last replica done. **runs**: how many times the job ran (must be 1). SQLite
 has no server to count on.
