@@ -1,4 +1,4 @@
-# The README's two commands live here: `make run` and `make test`.
+# The README's commands live here: `make run`, `make test` and `make bench`.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -15,6 +15,15 @@ test: servers $(VENV)/.dev
 
 servers:
 	scripts/install-servers
+
+# Starts its own servers, prints the tables and writes docs/benchmarks.md (about 11 minutes).
+bench: servers $(VENV)/.bench
+	$(BIN)/python -m bench
+
+$(VENV)/.bench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[all,bench]'
+	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -62,6 +62,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from singleton.backends.base import (
+    RUNNING,
     Attempt,
     Capabilities,
     Claim,
@@ -72,7 +73,7 @@ from singleton.backends.base import (
     lease_deadline,
     owner_replica,
 )
-from singleton.clock import SYSTEM_CLOCK, Clock, iso_z
+from singleton.clock import SYSTEM_CLOCK, Clock, iso_z, parse_iso
 from singleton.durations import parse_duration
 from singleton.errors import BackendError, BackendUnavailable, ConfigError, LeaseLost
 from singleton.urls import redact
@@ -92,6 +93,9 @@ PRUNE_BATCH = 500
 STATE_PURGE_BATCH = 10
 #: Longest a woken standby waits before it returns, so fifty of them do not all try at once.
 WAKE_JITTER = 0.05
+#: A standby wakes this long after the holder's lease should have expired (the server
+#: counted its TTL from before our request, so the estimate is already a little late).
+EXPIRY_MARGIN = 0.002
 #: Back-off of the listener thread while it cannot reach the server.
 LISTEN_BACKOFF = (0.1, 2.0)
 #: Longest pause between two polls of a standby that has no subscription.
@@ -240,7 +244,9 @@ local function insert(runs, index, prefix, run_id, n, fields)
   redis.call('ZADD', index, next_score(index), run_id .. ':' .. n)
 end
 
--- The claim (see Ledger.claim): returns {latest as found, attempt written, highest}.
+-- The claim (see Ledger.claim): returns {latest as found, the number of the attempt it
+-- wrote or false, highest}. The caller has every field of the attempt it wrote (it sent
+-- them), so the row is not read back: that saved a fifth of the fast path's time.
 local function claim(runs, index, highest_key, prefix, run_id, seen, start, token,
                      job, replica, scheduled_at, ts, now)
   local n = tonumber(redis.call('HGET', runs, run_id) or '0')
@@ -256,18 +262,20 @@ local function claim(runs, index, highest_key, prefix, run_id, seen, start, toke
     'run_id', run_id, 'job', job, 'attempt', n + 1, 'state', 'running', 'token', token,
     'replica', replica, 'scheduled_at', scheduled_at, 'ts', ts, 'started_at', now})
   if tonumber(token) > highest then redis.call('SET', highest_key, token) end
-  return {latest, read(prefix .. run_id .. ':' .. (n + 1)), highest}
+  return {latest, n + 1, highest}
 end
 """
 
 _ACQUIRE_LIB = """
--- SET NX PX with a token: {1, token} when granted, {0, counter} when busy. A retried
--- request that got through the first time finds its own owner (unique per acquisition)
--- and is granted again with the same token.
+-- SET NX PX with a token: {1, token} when granted, {0, counter, ms the holder's lease has
+-- left} when busy. A retried request that got through the first time finds its own owner
+-- (unique per acquisition) and is granted again with the same token.
 local function acquire(lock, counter, owner, ttl)
   local held = redis.call('GET', lock)
   if held == owner then return {1, tonumber(redis.call('GET', counter))} end
-  if held then return {0, tonumber(redis.call('GET', counter) or '0')} end
+  if held then
+    return {0, tonumber(redis.call('GET', counter) or '0'), redis.call('PTTL', lock)}
+  end
   local token = redis.call('INCR', counter)
   redis.call('SET', lock, owner, 'PX', ttl)
   return {1, token}
@@ -588,6 +596,7 @@ return 1
         self, keys: JobKeys, run: Run, lease: Lease, seen: int, start: bool, now: datetime
     ) -> Claim:
         try:
+            fields = _attempt_args(run, lease.owner, now)
             found = self.run(
                 "CLAIM",
                 [keys.lock, keys.runs, keys.index, keys.highest],
@@ -598,27 +607,31 @@ return 1
                     seen,
                     int(start),
                     lease.token,
-                    *_attempt_args(run, lease.owner, now),
+                    *fields,
                 ],
             )
         except rex.ResponseError as exc:
             if "lease lost" not in str(exc):
                 raise
             raise LeaseLost(f"lock {lease.name!r}: lease with token {lease.token} is gone") from exc
-        return _claim(found)
+        return _claim(found, run, lease.token, fields)
 
     def acquire_and_claim(
         self, keys: JobKeys, run: Run, ttl: float, owner: str, now: datetime
-    ) -> tuple[int, Claim | None]:
-        """(token, claim) when granted, (the counter, None) when busy."""
+    ) -> tuple[int, Claim | None, float | None]:
+        """(token, claim, None) when granted; (the counter, None, seconds the holder's lease
+        has left) when busy."""
+        fields = _attempt_args(run, owner, now)
         got = self.run(
             "ACQUIRE_AND_CLAIM",
             [keys.lock, keys.token, keys.runs, keys.index, keys.highest],
-            [owner, milliseconds(ttl), keys.attempts, run.run_id, *_attempt_args(run, owner, now)],
+            [owner, milliseconds(ttl), keys.attempts, run.run_id, *fields],
         )
+        token = int(got[1])
         if not got[0]:
-            return int(got[1]), None
-        return int(got[1]), _claim(got[2:])
+            left = int(got[2]) if len(got) > 2 else -1
+            return token, None, left / 1000 if left >= 0 else None
+        return token, _claim(got[2:], run, token, fields), None
 
     def finish(
         self, keys: JobKeys, run: Run, lease: Lease, attempt: int, outcome: Outcome, now: datetime
@@ -749,13 +762,26 @@ def attempt_from(row: Sequence[str]) -> Attempt:
     return Attempt.from_record(dict(zip(row[::2], row[1::2], strict=True)))
 
 
-def _claim(found: Sequence[Any]) -> Claim:
+def _claim(found: Sequence[Any], run: Run, token: int, fields: Sequence[Any]) -> Claim:
+    """A claim script's answer: the latest attempt's row, the number of the attempt written
+    (or nil), the highest token. The written attempt is built from ``fields``
+    (:func:`_attempt_args`), the very strings its row holds, so it equals what reading the
+    row back would give."""
     latest, written, highest = found
-    return Claim(
-        attempt_from(latest) if latest else None,
-        attempt_from(written) if written else None,
-        int(highest),
-    )
+    attempt = None
+    if written:
+        _job, replica, scheduled_at, _ts, now = fields
+        attempt = Attempt(
+            run_id=run.run_id,
+            job=run.job,
+            attempt=int(written),
+            state=RUNNING,
+            token=token,
+            replica=replica,
+            scheduled_at=parse_iso(scheduled_at),
+            started_at=parse_iso(now),
+        )
+    return Claim(attempt_from(latest) if latest else None, attempt, int(highest))
 
 
 # -- connections and errors -------------------------------------------------------------------
@@ -992,13 +1018,23 @@ class RedisBackend:
             return Claim(claim.latest, claim.attempt, before)
         return claim
 
-    def _busy(self, name: str, counter: int) -> None:
+    def _busy(self, name: str, counter: int, left: float | None = None) -> None:
         """After a refused acquire: remember the counter, and the releases of ``name`` seen
-        so far, so that a release before this thread's next :meth:`wait` is not missed."""
+        so far, so that a release before this thread's next :meth:`wait` is not missed; and
+        when the holder's lease runs out (``left`` seconds), so that the wait ends then."""
         self._observe(name, counter)
+        expiries = self._expiries()
+        if left is not None:
+            expiries[name] = self._clock.monotonic() + left + EXPIRY_MARGIN
+        else:
+            expiries.pop(name, None)
         listener = self._listener
         if listener is not None:
             self._seen_releases()[name] = listener.released(name)
+
+    def _expiries(self) -> dict[str, float]:
+        """Per thread: when the lease that last refused this thread expires (monotonic)."""
+        return cast(dict[str, float], self._seen.__dict__.setdefault("expiries", {}))
 
     def _seen_releases(self) -> dict[str, int]:
         """Per thread: how many releases of each lock it has seen (see :meth:`wait`)."""
@@ -1052,6 +1088,12 @@ class RedisBackend:
         with back-off until the subscription is back.
         """
         end = self._clock.monotonic() + timeout
+        # A dead holder never publishes a release: wake when its lease expires instead of
+        # sleeping out the whole timeout (a SIGKILLed owner's firing started up to a
+        # standby pause late). A live holder renews long before that, so this costs nothing.
+        expiry = self._expiries().pop(name, None)
+        if expiry is not None:
+            end = min(end, max(expiry, self._clock.monotonic()))
         listener = self._listen()
         patience = self._timeout  # a new subscription needs a round trip or two
         while (left := end - self._clock.monotonic()) > 0:
@@ -1103,11 +1145,11 @@ class RedisBackend:
         self._register(run.job)
         sent = self._clock.monotonic()
         with self._errors():
-            token, claim = self.scripts.acquire_and_claim(
+            token, claim, left = self.scripts.acquire_and_claim(
                 self.keys.job(run.job), run, ttl, owner, self._clock.now()
             )
         if claim is None:
-            self._busy(run.job, token)
+            self._busy(run.job, token, left)
             return None
         lease = Lease(run.job, owner, token, ttl, lease_deadline(sent, ttl))
         claim = self._with_memory(run.job, claim)
