@@ -511,6 +511,8 @@ def test_a_release_between_a_failed_acquire_and_wait_is_not_missed(
     other = RedisBackend(durable.url)
     try:
         other.wait(name + "-other", 0.01)  # subscribed, but has never waited on `name`
+        listener = other._listener
+        assert listener is not None and listener.subscribed.wait(5.0), "a loaded machine"
         lease = acquire(backend, name)
         assert other.try_acquire(name, 5.0, new_owner("b")) is None
         backend.release(lease)
