@@ -2,10 +2,13 @@
 tokens that outlive the database process, leases that ride out a short outage and are given
 up on time in a long one, renewals that a stalled database cannot hold past the deadline,
 cut connections replaced before use, contention without deadlocks, standbys woken by
-NOTIFY, a schema that many replicas can create at once, and one-line errors."""
+NOTIFY one at a time in the order they came, a schema that many replicas can create at once
+and that an older version's schema is upgraded to, and one-line errors."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -303,6 +306,148 @@ def test_a_standby_still_sees_a_release_after_its_listening_connection_was_cut(
     assert time.monotonic() - released < 0.5
 
 
+def in_line(url: str, name: str) -> int:
+    """How many standbys are in line for ``name``, as the database sees it."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM singleton.waiters WHERE name = %s", (name,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@dataclass
+class Standbys:
+    """Threads that each wait once for a lock, long, and note the order they returned in."""
+
+    url: str
+    returned: list[int] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, backend: PostgresBackend, name: str, timeout: float = 20.0) -> None:
+        """One more standby, started once the previous ones are in line (so the order they
+        got in line is the order they were added)."""
+        index = len(self.threads)
+
+        def stand_by() -> None:
+            backend.wait(name, timeout)
+            with self.lock:
+                self.returned.append(index)
+
+        thread = threading.Thread(target=stand_by, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+        wait_for(f"standby {index} in line", lambda: in_line(self.url, name) == index + 1, 5)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.returned)
+
+    def await_returned(self, count: int, timeout: float) -> None:
+        wait_for(f"{count} standbys to return", lambda: self.count() >= count, timeout)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(5)
+
+
+def two_processes_of_three_standbys(
+    url: str, backends: list[PostgresBackend], name: str
+) -> Standbys:
+    """Six standbys: three threads in each of two backend objects (two LISTEN connections,
+    as two replica processes have), taking turns to get in line."""
+    first, second = open_pg(backends, url), open_pg(backends, url)
+    standbys = Standbys(url)
+    for _ in range(3):
+        standbys.add(first, name)
+        standbys.add(second, name)
+    return standbys
+
+
+def test_each_release_wakes_one_standby_of_many_in_two_processes(
+    url: str, backends: list[PostgresBackend]
+) -> None:
+    owner = open_pg(backends, url)
+    lease = acquire(owner, "job", 30.0)
+    standbys = two_processes_of_three_standbys(url, backends, "job")
+    woken_per_release = []
+    for released in range(1, 7):
+        owner.release(lease)
+        standbys.await_returned(released, 2)
+        time.sleep(0.3)  # room for any other standby to wake by mistake
+        woken_per_release.append(standbys.count() - released + 1)
+        lease = acquire(owner, "job", 30.0)
+    standbys.join()
+    assert woken_per_release == [1] * 6
+
+
+def test_a_release_wakes_the_standby_that_has_waited_longest(
+    url: str, backends: list[PostgresBackend]
+) -> None:
+    owner = open_pg(backends, url)
+    lease = acquire(owner, "job", 30.0)
+    standbys = two_processes_of_three_standbys(url, backends, "job")
+    for released in range(1, 7):
+        owner.release(lease)
+        standbys.await_returned(released, 2)
+        lease = acquire(owner, "job", 30.0)
+    standbys.join()
+    assert standbys.returned == list(range(6))
+
+
+def test_an_unreleased_lease_running_out_wakes_only_the_first_standby(
+    url: str, backends: list[PostgresBackend]
+) -> None:
+    owner = open_pg(backends, url)
+    acquire(owner, "job", 1.5)
+    standbys = two_processes_of_three_standbys(url, backends, "job")
+    wait_for("the first standby to wake at the lease's expiry", standbys.count, 3)
+    time.sleep(0.5)
+    assert standbys.returned == [0]
+
+
+DIES_IN_LINE = """
+import sys
+from singleton.backends.postgres import PostgresBackend
+PostgresBackend(sys.argv[1]).wait("job", 60.0)
+"""
+
+
+def test_a_standby_behind_one_that_died_in_line_gets_the_lock_within_its_wait(
+    url: str, backends: list[PostgresBackend]
+) -> None:
+    owner, standby = open_pg(backends, url), open_pg(backends, url)
+    lease = acquire(owner, "job", 30.0)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    dead = subprocess.Popen([sys.executable, "-c", DIES_IN_LINE, url], env=env)
+    try:
+        wait_for("the doomed standby in line", lambda: in_line(url, "job") == 1, 10)
+    finally:
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.wait(10)
+    # Its row stays (it expires with its 60 s wait); the release's NOTIFY goes to it and is
+    # lost. The live standby behind it must not wait for anything but its own timeout.
+    pause = 1.0
+    got: list[tuple[float, Lease | None]] = []
+
+    def stand_by() -> None:
+        while (taken := standby.try_acquire("job", 30.0, new_owner("live"))) is None:
+            standby.wait("job", pause)
+        got.append((time.monotonic(), taken))
+
+    thread = threading.Thread(target=stand_by, daemon=True)
+    thread.start()
+    wait_for("the live standby in line", lambda: in_line(url, "job") == 2, 5)
+    owner.release(lease)
+    released = time.monotonic()
+    assert in_line(url, "job") == 1, "the release did not pick the dead standby"
+    thread.join(pause + 2)
+    assert got, "the live standby never got the lock"
+    taken_at, taken = got[0]
+    assert taken is not None and taken.token > lease.token
+    assert taken_at - released < pause + 0.25
+
+
 def test_closing_a_backend_leaves_no_connection_behind(postgres: PostgresServer, url: str) -> None:
     name = application("closed")
     backend = PostgresBackend(f"{url}?application_name={name}")
@@ -329,6 +474,58 @@ def test_migrate_creates_the_schema_and_then_finds_it_current(url: str) -> None:
     assert migrate(url, schema="migrated").endswith(f"already at version {SCHEMA_VERSION}")
 
 
+def test_first_use_creates_the_line_of_standbys(url: str, backends: list[PostgresBackend]) -> None:
+    open_pg(backends, url)
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT to_regclass('singleton.waiters') IS NOT NULL,"
+            " to_regprocedure('singleton.wake_next(text)') IS NOT NULL"
+        ).fetchone()
+    assert found == (True, True)
+
+
+def as_version_2(url: str) -> None:
+    """Take a current schema back to what version 2 created: no line of standbys."""
+    with psycopg.connect(url) as conn:
+        conn.execute("DROP FUNCTION singleton.wake_next(text)")
+        conn.execute("DROP TABLE singleton.waiters")
+        conn.execute("DELETE FROM singleton.schema_version WHERE version > 2")
+        conn.execute("INSERT INTO singleton.schema_version (version) VALUES (2)")
+
+
+def test_migrate_upgrades_a_version_2_schema_and_keeps_its_locks(
+    url: str, backends: list[PostgresBackend]
+) -> None:
+    assert SCHEMA_VERSION == 3
+    migrate(url)
+    first = acquire(open_pg(backends, url), "job", 30.0)
+    as_version_2(url)
+    assert migrate(url).endswith("upgraded from version 2 to 3")
+    owner, standby = open_pg(backends, url), open_pg(backends, url)
+    assert owner.found_version == 3
+    assert owner.holder("job") is not None  # the lock table was kept
+    owner.evict("job")
+    lease = acquire(owner, "job", 30.0)
+    assert lease.token > first.token
+    threading.Timer(1.0, owner.release, (lease,)).start()
+    started = time.monotonic()
+    standby.wait("job", 10.0)
+    assert 0.9 <= time.monotonic() - started < 1.25
+
+
+def test_a_replica_upgrades_a_version_2_schema_at_start(
+    url: str, backends: list[PostgresBackend]
+) -> None:
+    migrate(url)
+    as_version_2(url)
+    assert open_pg(backends, url).found_version == 2
+    with psycopg.connect(url) as conn:
+        versions = conn.execute("SELECT version FROM singleton.schema_version").fetchall()
+        found = conn.execute("SELECT to_regclass('singleton.waiters') IS NOT NULL").fetchone()
+    assert sorted(versions) == [(2,), (3,)]
+    assert found == (True,)
+
+
 def test_migrate_refuses_other_backends(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="migrate is for postgresql://"):
         migrate(f"sqlite:///{tmp_path / 'state.db'}")
@@ -343,6 +540,9 @@ def test_the_migrate_command_creates_the_configured_schema(url: str, tmp_path: P
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith(f"created at version {SCHEMA_VERSION}")
     assert "schema by_command" in done.stdout
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT to_regclass('by_command.waiters') IS NOT NULL").fetchone()
+    assert found == (True,)
 
 
 def test_replicas_creating_the_schema_at_once_all_start(url: str) -> None:

@@ -3,8 +3,8 @@
 -- section by the name after "-- name:".
 --
 -- Placeholders: {schema} is the backend's schema (the `schema` option, default singleton),
--- {channel} the NOTIFY channel that wakes standbys, {version} the schema version, {lock_key}
--- the advisory lock that serialises schema creation. Parameters are psycopg's %(name)s.
+-- {version} the schema version, {lock_key} the advisory lock that serialises schema
+-- creation. Parameters are psycopg's %(name)s.
 --
 -- Why the statements look the way they do:
 --
@@ -18,6 +18,8 @@
 --   row in the same statement: no acquisition can slip between the check and the write.
 -- * A lock row is never deleted: its token column is the fencing counter, and it must
 --   survive release and expiry.
+-- * A release wakes ONE standby, the oldest live one in the waiters table, by a NOTIFY on
+--   that standby's own channel (wake_next below); never a broadcast to every standby.
 
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_version
@@ -71,6 +73,43 @@ CREATE TABLE IF NOT EXISTS {schema}.state (
     value      text NOT NULL,
     expires_at timestamptz                -- on the database's clock; NULL: until deleted
 );
+
+-- Standbys in line for a lock (version 3): one row per wait() in progress, in the order they
+-- came (seq). A release wakes only the oldest live one, by a NOTIFY on the channel its
+-- process LISTENs on, with its waiter id as the payload. A row's expires_at is the end of
+-- its wait on the database's clock: a standby whose process died is skipped once that
+-- passes, without anybody deleting its row (prune does, later).
+CREATE TABLE IF NOT EXISTS {schema}.waiters (
+    seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY, -- place in line
+    name       text        NOT NULL,                                 -- the lock waited for
+    channel    text        NOT NULL, -- the NOTIFY channel of the waiting process's listener
+    waiter     text        NOT NULL, -- the wait, within that process: the NOTIFY payload
+    expires_at timestamptz NOT NULL  -- on the database's clock
+);
+CREATE INDEX IF NOT EXISTS waiters_by_name ON {schema}.waiters (name, seq);
+
+-- Wake the oldest live standby of a lock: delete its row and NOTIFY its channel. Called by
+-- the statements that set a lock free, once the lock row is updated. A function, VOLATILE,
+-- because each query in it takes a fresh snapshot: it sees a standby that enrolled while the
+-- caller's statement waited for the lock row (wait_enqueue holds it FOR SHARE), which the
+-- caller's own snapshot, taken before that wait, would miss — a lost wake-up. SKIP LOCKED:
+-- a standby deleting its own row is leaving; the next one is woken instead. A NOTIFY to a
+-- standby that died is lost; the next standby's wait is bounded, and covers it.
+CREATE OR REPLACE FUNCTION {schema}.wake_next(lock_name text) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    WITH head AS (
+        SELECT seq FROM {schema}.waiters
+         WHERE name = lock_name AND expires_at > clock_timestamp()
+         ORDER BY seq
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED
+    ), woken AS (
+        DELETE FROM {schema}.waiters AS w USING head
+         WHERE w.seq = head.seq
+        RETURNING w.channel, w.waiter
+    )
+    SELECT count(pg_notify(channel, waiter)) FROM woken
+$$;
 
 INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
 
@@ -126,7 +165,7 @@ UPDATE {schema}.locks
 
 -- name: release
 -- Let go (or, with keep_for, only shorten the lease), comparing owner and token: never
--- another owner's lease. A lock set free wakes the standbys LISTENing on the channel.
+-- another owner's lease. A lock set free wakes its oldest standby.
 WITH released AS (
     UPDATE {schema}.locks
        SET owner = CASE WHEN %(keep_for)s > 0 THEN owner END,
@@ -137,12 +176,38 @@ WITH released AS (
      WHERE name = %(name)s AND owner = %(owner)s AND token = %(token)s
     RETURNING owner IS NULL AS freed
 )
-SELECT pg_notify({channel}, %(name)s) FROM released WHERE freed
+SELECT {schema}.wake_next(%(name)s) FROM released WHERE freed
 
 -- name: holder
 SELECT owner, token, extract(epoch FROM expires_at - clock_timestamp())::float8
   FROM {schema}.locks
  WHERE name = %(name)s AND owner IS NOT NULL AND expires_at > clock_timestamp()
+
+-- name: wait_enqueue
+-- A standby gets in line, if the lock is held: returns its place (NULL: the lock is free),
+-- the lease's seconds left, and whether a live standby was in line before it. FOR SHARE on the lock row: a
+-- release that has updated it already makes this wait for its commit and then see the lock
+-- free (nothing to wait for); a release that comes later waits for this commit, and its
+-- wake_next sees this row. Either way no release slips between the check and the line.
+WITH lock_row AS (
+    SELECT owner, expires_at FROM {schema}.locks WHERE name = %(name)s FOR SHARE
+), enqueued AS (
+    INSERT INTO {schema}.waiters (name, channel, waiter, expires_at)
+    SELECT %(name)s, %(channel)s, %(waiter)s,
+           clock_timestamp() + make_interval(secs => %(timeout)s)
+      FROM lock_row
+     WHERE owner IS NOT NULL AND expires_at > clock_timestamp()
+    RETURNING seq
+)
+SELECT (SELECT seq FROM enqueued),
+       (SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM lock_row),
+       EXISTS (SELECT FROM {schema}.waiters
+                WHERE name = %(name)s AND expires_at > clock_timestamp())
+
+-- name: wait_leave
+-- A standby's wait ended without its NOTIFY (timeout, lease expiry, lost listener): out of
+-- line, so that no release wakes a standby that is not waiting any more.
+DELETE FROM {schema}.waiters WHERE seq = %(seq)s
 
 -- name: evict
 -- Free the lock whoever holds it and raise its counter to at least token_above, never lower.
@@ -152,7 +217,7 @@ WITH evicted AS (
        SET owner = NULL, expires_at = NULL, token = greatest(l.token, excluded.token)
     RETURNING token
 )
-SELECT token, pg_notify({channel}, %(name)s) FROM evicted
+SELECT token, {schema}.wake_next(%(name)s) FROM evicted
 
 -- name: claim
 -- A compare-and-set on the run's attempt number, only while the lease is current: if the
@@ -222,7 +287,7 @@ WITH lock_row AS (
      WHERE l.name = lock_row.name AND l.owner = %(owner)s AND l.token = %(token)s
     RETURNING l.owner IS NULL AS freed
 ), notified AS (
-    SELECT pg_notify({channel}, %(name)s) FROM released WHERE freed
+    SELECT {schema}.wake_next(%(name)s) FROM released WHERE freed
 )
 SELECT EXISTS (SELECT FROM finished), (SELECT count(*) FROM notified)
 
@@ -249,9 +314,12 @@ SELECT to_jsonb(a) FROM {schema}.attempts AS a
 -- name: prune
 -- Retention: attempts of firings scheduled before the cut-off, and beyond the newest keep per
 -- job. A running attempt is never deleted (its owner will finish it). Expired shared state
--- goes too; the row count is the attempts'.
+-- goes too, and so do the lines of standbys whose process died before its wait ended
+-- (wake_next skips them already); the row count is the attempts'.
 WITH expired AS (
     DELETE FROM {schema}.state WHERE expires_at <= clock_timestamp()
+), gone AS (
+    DELETE FROM {schema}.waiters WHERE expires_at <= clock_timestamp()
 )
 DELETE FROM {schema}.attempts
  WHERE state <> 'running'
