@@ -7,7 +7,10 @@ issue #10:
 
 1. every expected firing in the window (computed here, by a walk over whole seconds, not by
    the product's scheduler) has exactly one applied write; a miss is *explained* when a fault
-   was active near its fire time, and its cause names the fault and the ledger's evidence;
+   was active near its fire time, or when the ledger recorded it skipped for ``overlap`` and
+   the oracle shows the previous firing's run still going (an *overrun*, the documented
+   ``overlap: skip`` policy on a loaded machine); its cause names the fault and the ledger's
+   and logs' evidence;
 2. no applied write carries a token lower than one applied before it (per job, in the
    oracle's order); refused stale writes are counted;
 3. how often a firing ran more than once (writes under more than one token), per fault;
@@ -27,6 +30,8 @@ from datetime import UTC, datetime
 QUIET = "none"
 #: A write this much earlier than its firing's instant started early (I9, informational).
 EARLY = 0.5
+#: A run that wrote this little before the next firing may still have been running then.
+OVERRUN = 0.5
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,26 @@ def fault_at(mono: float, faults: Sequence[FaultSpan], recovery: float) -> str |
     return max(near, key=lambda f: f.start).kind if near else None
 
 
+def _overrun(
+    run: str,
+    instant: float,
+    window: Window,
+    attempts: Sequence[Attempt],
+    by_run: Mapping[str, Sequence[Write]],
+) -> str | None:
+    """Explain a miss by the product's ``overlap: skip`` policy when the ledger says so and
+    the oracle agrees: the job's previous firing wrote less than :data:`OVERRUN` before this
+    one's instant (or after it), so its run was plausibly still going."""
+    if not any(a.state == "skipped" and a.reason == "overlap" for a in attempts):
+        return None
+    job = run.split("@", 1)[0]
+    previous = run_id(job, int(instant) - window.jobs[job])
+    writes = [w.mono for w in by_run.get(previous, ()) if w.applied]
+    if writes and max(writes) >= window.mono(instant) - OVERRUN:
+        return "overrun"
+    return None
+
+
 def _ledger_evidence(attempts: Sequence[Attempt]) -> str:
     if not attempts:
         return "no ledger record"
@@ -180,6 +205,8 @@ def check(
     _check_fencing(verdict, writes, window, spans)
     for run, instant in sorted(expected_runs(window).items(), key=lambda item: item[1]):
         cause = fault_at(window.mono(instant), spans, window.recovery)
+        if cause is None and not any(w.applied for w in by_run[run]):
+            cause = _overrun(run, instant, window, ledger[run], by_run)
         row = verdict.row(cause)
         row.firings += 1
         verdict.firings += 1

@@ -22,7 +22,7 @@ def seed() -> int:
 
 
 def campaign(backend: str, tmp_path: Path) -> Result:
-    spec = Spec(backend=backend, seed=seed(), duration=DURATION)
+    spec = Spec(backend=backend, seed=seed(), duration=DURATION, jobs=2)
     result = run_campaign(spec, tmp_path / backend)
     verdict = result.verdict
     print(  # noqa: T201 (the seed must reach the log, to replay a failure)

@@ -40,6 +40,9 @@ class Coordinator:
     url_for: Callable[[list[str]], str]
     restart: Callable[[random.Random], str] | None = None
     restart_member: Callable[[random.Random], str] | None = None
+    #: SIGSTOP a server process (for a cluster: one member); returns how to resume it and
+    #: what was paused.
+    pause: Callable[[random.Random], tuple[Callable[[], None], str]] | None = None
     heal: Callable[[], None] = lambda: None
     backend_options: dict[str, str] = field(default_factory=dict)
     #: Why this backend may break an invariant under the campaign's faults (None: it may not).
@@ -52,6 +55,18 @@ class Coordinator:
     def url(self) -> str:
         """The direct URL (no proxy): the harness's own reads, ``singleton history``."""
         return self.url_for(self.nodes)
+
+
+def _pauser(
+    pause: Callable[[], None], resume: Callable[[], None], what: str
+) -> Callable[[random.Random], tuple[Callable[[], None], str]]:
+    """A single server's pause fault."""
+
+    def paused(_rng: random.Random) -> tuple[Callable[[], None], str]:
+        pause()
+        return resume, what
+
+    return paused
 
 
 def _sqlite(workdir: Path) -> Iterator[Coordinator]:
@@ -85,6 +100,7 @@ def _redis(workdir: Path, aof: bool) -> Iterator[Coordinator]:
             [f"127.0.0.1:{server.port}"],
             lambda hosts: f"redis://{hosts[0]}/0",
             restart=restart,
+            pause=_pauser(server.pause, server.resume, "redis-server SIGSTOP"),
             heal=heal,
             predicted=None
             if aof
@@ -113,12 +129,18 @@ def _redlock(workdir: Path) -> Iterator[Coordinator]:
                 else:
                     server.resume()
 
+        def pause(rng: random.Random) -> tuple[Callable[[], None], str]:
+            node = rng.randrange(len(servers))
+            servers[node].pause()
+            return servers[node].resume, f"node{node} SIGSTOP"
+
         yield Coordinator(
             "redlock",
             False,
             [f"127.0.0.1:{s.port}" for s in servers],
             lambda hosts: f"redlock://{','.join(hosts)}/0",
             restart_member=restart_member,
+            pause=pause,
             heal=heal,
             predicted="no fencing token (per-node counters disagree across majorities); a node"
             " restarted without persistence forgets its vote, so two owners can hold a majority",
@@ -152,6 +174,12 @@ def _zookeeper(workdir: Path) -> Iterator[Coordinator]:
         def heal() -> None:
             _heal_ensemble(group)
 
+        def pause(rng: random.Random) -> tuple[Callable[[], None], str]:
+            member = rng.choice(group.members)
+            role = member.mode()
+            member.pause()
+            return member.resume, f"member {member.myid} ({role}) SIGSTOP"
+
         yield Coordinator(
             "zookeeper",
             True,
@@ -159,6 +187,7 @@ def _zookeeper(workdir: Path) -> Iterator[Coordinator]:
             lambda hosts: f"zookeeper://{','.join(hosts)}{prefix}",
             restart=restart,
             restart_member=restart_member,
+            pause=pause,
             heal=heal,
             backend_options={"session_timeout": "3s"},
             server_pids=lambda: pids,
@@ -199,6 +228,12 @@ def _etcd(workdir: Path) -> Iterator[Coordinator]:
             cluster.wait_healthy()
             return "every member kill -9, restart on the same data dirs"
 
+        def pause(rng: random.Random) -> tuple[Callable[[], None], str]:
+            member = rng.choice(cluster.members)
+            leader = member is cluster.leader()
+            member.pause()
+            return member.resume, f"{member.name} ({'leader' if leader else 'follower'}) SIGSTOP"
+
         yield Coordinator(
             "etcd",
             True,
@@ -206,6 +241,7 @@ def _etcd(workdir: Path) -> Iterator[Coordinator]:
             lambda hosts: f"etcd://{','.join(hosts)}{prefix}",
             restart=restart,
             restart_member=restart_member,
+            pause=pause,
             heal=lambda: _heal_etcd(cluster),
             server_pids=lambda: pids,
         )
@@ -238,6 +274,7 @@ def _postgres(workdir: Path) -> Iterator[Coordinator]:
             [f"127.0.0.1:{server.port}"],
             lambda hosts: f"postgresql://postgres@{hosts[0]}/{dbname}",
             restart=restart,
+            pause=_pauser(server.pause, server.resume, "every postgres process SIGSTOP"),
             heal=server.heal,
             server_pids=lambda: pids,
             temp_dirs=[server.root],

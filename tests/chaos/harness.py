@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,11 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tests.chaos import leaks
-from tests.chaos.checker import Attempt, FaultSpan, Verdict, Window, Write, check
+from tests.chaos import rundir as runs
+from tests.chaos.checker import Verdict, Window, Write
 from tests.chaos.coordinators import Coordinator, coordinator
 from tests.chaos.nemesis import Fault, Nemesis, skew_env
 from tests.chaos.proxy import ProxySet, proxies
 from tests.replicas import Fleet, Replica, sink_command, wait_for
+
+WARM_UP = 3.0
+#: Seconds of work of the slow jobs (see :class:`Campaign`).
+SLOW_JOB = 0.8
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Spec:
     replicas: int = 3
     jobs: int = 1
     ttl: int = 3
-    job_sleep: float = 0.3
+    job_sleep: float = 0.1
     gap: tuple[float, float] = (1.0, 3.0)
     #: Only these fault kinds (default: every one the backend can take).
     faults: tuple[str, ...] = ()
@@ -70,23 +74,8 @@ class Result:
         return found
 
 
-def read_oracle(path: Path, job: str) -> list[Write]:
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        rows = conn.execute(
-            "SELECT seq, run_id, token, replica, applied, reason, mono FROM writes ORDER BY seq"
-        ).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
-    return [Write(r[0], job, r[1], int(r[2]), r[3], bool(r[4]), r[5], float(r[6])) for r in rows]
-
-
-def read_history(config: Path) -> list[Attempt]:
-    """``singleton history CONFIG --json --limit 0``, as an operator would run it."""
+def read_history(config: Path) -> str:
+    """``singleton history CONFIG --json --limit 0``, as an operator would run it: its JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SINGLETON_")}
     done = subprocess.run(
         [sys.executable, "-m", "singleton", "history", str(config), "--json", "--limit", "0"],
@@ -97,10 +86,7 @@ def read_history(config: Path) -> list[Attempt]:
         check=False,
     )
     assert done.returncode == 0, f"singleton history failed: {done.stderr[-2000:]}"
-    return [
-        Attempt(a["run_id"], a["state"], a["token"], a["replica"], a["reason"])
-        for a in json.loads(done.stdout)
-    ]
+    return done.stdout
 
 
 class Campaign:
@@ -117,14 +103,20 @@ class Campaign:
             for name in self.names:
                 self.proxies[name] = stack.enter_context(proxies(coord.nodes))
         self.oracles = {f"job{i}": rundir / f"oracle-job{i}.db" for i in range(1, spec.jobs + 1)}
-        jobs: dict[str, dict[str, object]] = {
-            job: {
-                "every": "1s",
-                "command": sink_command(oracle, sleep=spec.job_sleep),
+        # Every second job is slow (every 2 s, 0.8 s of work) and ignores SIGTERM, as a
+        # careless job would: a paused owner's job then outlives the runner's SIGTERM long
+        # enough to try its stale write, so the oracle's fence is exercised too, not only
+        # the runner's self-fencing.
+        self.periods = {job: 2 if i % 2 == 0 else 1 for i, job in enumerate(self.oracles, 1)}
+        jobs: dict[str, dict[str, object]] = {}
+        for job, oracle in self.oracles.items():
+            slow = self.periods[job] == 2
+            sleep = SLOW_JOB if slow else spec.job_sleep
+            jobs[job] = {
+                "every": f"{self.periods[job]}s",
+                "command": sink_command(oracle, sleep=sleep, ignore_term=slow),
                 "lock_ttl": f"{spec.ttl}s",
             }
-            for job, oracle in self.oracles.items()
-        }
         settings: dict[str, object] = {
             "backend": {"url": coord.url, **coord.backend_options},
             "kill_grace": "1s",
@@ -141,7 +133,7 @@ class Campaign:
         return self.fleet.start(name, env)
 
     def writes(self) -> list[Write]:
-        return [w for job, path in self.oracles.items() for w in read_oracle(path, job)]
+        return runs.writes(self.rundir)
 
     def crashed(self) -> list[str]:
         return [
@@ -187,12 +179,14 @@ def run_campaign(spec: Spec, rundir: Path) -> Result:
             outcome = _drive(campaign)
         finally:
             campaign.fleet.stop_all()
-        history = read_history(campaign.fleet.config)
+        (rundir / "history.json").write_text(read_history(campaign.fleet.config))
         server_pids = list(coord.server_pids())
     found = leaks.scan(campaign.marker, server_pids, coord.temp_dirs)
+    (rundir / "leaks.json").write_text(json.dumps(found))
+    (rundir / "notes.json").write_text(json.dumps(campaign.skip_notes()))
     window, faults, nemesis, crashed = outcome
-    spans = [FaultSpan(f.kind, f.start, f.end) for f in faults]
-    verdict = check(window, campaign.writes(), history, spans, found, campaign.skip_notes())
+    runs.save_window(rundir, window)
+    verdict = runs.verdict(rundir)
     result = Result(
         spec,
         coord.fencing,
@@ -215,6 +209,9 @@ def _drive(campaign: Campaign) -> tuple[Window, list[Fault], Nemesis, list[str]]
     for name in campaign.names:
         campaign.start_replica(name)
     wait_for("a first applied write", lambda: campaign.writes(), timeout=90, every=0.2)
+    # Checked firings start after a warm-up: replicas still importing and connecting are
+    # slow enough to overrun the first firings, which says nothing about faults.
+    time.sleep(WARM_UP)
     start = float(int(time.time()) + 1)
     nemesis = Nemesis(
         spec.seed,
@@ -238,5 +235,5 @@ def _drive(campaign: Campaign) -> tuple[Window, list[Fault], Nemesis, list[str]]
         campaign.start_replica(name)
     time.sleep(spec.recovery + 2)
     end = time.time() - 3
-    window = Window(dict.fromkeys(campaign.oracles, 1), start, end, wall0, mono0, spec.recovery)
+    window = Window(campaign.periods, start, end, wall0, mono0, spec.recovery)
     return window, nemesis.faults, nemesis, crashed

@@ -30,6 +30,7 @@ FAULTS = {
     "restart_replica": "kill -9 and restart of a random replica",
     "restart_coordinator": "restart of the coordinator: every server process (F3)",
     "restart_member": "kill -9 and restart of one cluster member or Redlock node (F3)",
+    "pause_coordinator": "SIGSTOP of the coordinator (one member of a cluster) for 1-3 x TTL (F14)",
     "cut": "the owner's connections reset (RST) for 1-3 x TTL (F4)",
     "blackhole": "the owner's connections black-holed for 1-3 x TTL (F4)",
     "skew": "one replica restarted under faketime +3s for 2-4 x TTL (F6)",
@@ -66,6 +67,8 @@ def applicable(coordinator: Coordinator) -> list[str]:
         kinds.append("restart_coordinator")
     if coordinator.restart_member is not None:
         kinds.append("restart_member")
+    if coordinator.pause is not None:
+        kinds.append("pause_coordinator")
     if coordinator.nodes:
         kinds += ["cut", "blackhole"]
     return kinds
@@ -193,6 +196,15 @@ class Nemesis:
     def _restart_member(self) -> tuple[str, str]:
         assert self.coordinator.restart_member is not None
         return "member", self.coordinator.restart_member(self.rng)
+
+    def _pause_coordinator(self) -> tuple[str, str]:
+        assert self.coordinator.pause is not None
+        resume, what = self.coordinator.pause(self.rng)
+        try:
+            held = self._hold(1, 3)
+        finally:
+            resume()
+        return "coordinator", f"{what} for {held:.1f}s"
 
     def _connection(self, mode: Mode) -> tuple[str, str]:
         owner = self._owner()

@@ -97,6 +97,23 @@ def test_a_miss_long_after_a_fault_ended_is_not_excused() -> None:
     assert [run for run, _ in verdict.unexplained] == [RUNS[2]]
 
 
+def test_an_overlap_skip_right_after_an_overrunning_previous_run_is_explained() -> None:
+    writes, history = clean()
+    writes[0] = write(1, RUNS[0], 1, at=100.8)
+    history[1] = Attempt(RUNS[1], "skipped", None, reason="overlap")
+    verdict = check(WINDOW, [writes[0], writes[2]], history, faults=[])
+    assert verdict.unexplained == []
+    assert verdict.misses[0][1].startswith("overrun")
+    assert verdict.per_fault["overrun"].misses == 1
+
+
+def test_an_overlap_skip_long_after_the_previous_run_ended_is_unexplained() -> None:
+    writes, history = clean()
+    history[1] = Attempt(RUNS[1], "skipped", None, reason="overlap")
+    verdict = check(WINDOW, [writes[0], writes[2]], history, faults=[])
+    assert [run for run, _ in verdict.unexplained] == [RUNS[1]]
+
+
 def test_an_applied_write_with_a_lower_token_than_one_applied_before_is_stale() -> None:
     writes, history = clean()
     writes[2] = write(3, RUNS[2], 1)
