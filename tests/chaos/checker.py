@@ -7,8 +7,8 @@ issue #10:
 
 1. every expected firing in the window (computed here, by a walk over whole seconds, not by
    the product's scheduler) has exactly one applied write; a miss is *explained* when a fault
-   was active near its fire time, or when the ledger recorded it skipped for ``overlap`` and
-   the oracle shows the previous firing's run still going (an *overrun*, the documented
+   was active near its fire time, or when the ledger recorded it skipped for ``overlap`` by the
+   replica the oracle shows still running the previous firing (an *overrun*, the documented
    ``overlap: skip`` policy on a loaded machine); its cause names the fault and the ledger's
    and logs' evidence;
 2. no applied write carries a token lower than one applied before it (per job, in the
@@ -160,15 +160,18 @@ def _overrun(
     attempts: Sequence[Attempt],
     by_run: Mapping[str, Sequence[Write]],
 ) -> str | None:
-    """Explain a miss by the product's ``overlap: skip`` policy when the ledger says so and
-    the oracle agrees: the job's previous firing wrote less than :data:`OVERRUN` before this
-    one's instant (or after it), so its run was plausibly still going."""
-    if not any(a.state == "skipped" and a.reason == "overlap" for a in attempts):
+    """Explain a miss by the product's ``overlap: skip`` policy, only when the ledger and the
+    oracle agree: the skip was recorded by the replica whose write applied the job's previous
+    firing, and that write landed less than :data:`OVERRUN` before this one's instant (or
+    after it) — so that replica was still busy running it. A skip recorded by any other
+    replica is not an overrun (see docs/reliability.md, finding 3)."""
+    skippers = {a.replica for a in attempts if a.state == "skipped" and a.reason == "overlap"}
+    if not skippers:
         return None
     job = run.split("@", 1)[0]
     previous = run_id(job, int(instant) - window.jobs[job])
-    writes = [w.mono for w in by_run.get(previous, ()) if w.applied]
-    if writes and max(writes) >= window.mono(instant) - OVERRUN:
+    ran = [w for w in by_run.get(previous, ()) if w.applied and w.replica in skippers]
+    if ran and max(w.mono for w in ran) >= window.mono(instant) - OVERRUN:
         return "overrun"
     return None
 

@@ -56,6 +56,8 @@ class Spec:
 
 @dataclass
 class Result:
+    """What a campaign found, with what the report needs to show it and replay it."""
+
     spec: Spec
     fencing: bool
     predicted: str | None
@@ -68,6 +70,8 @@ class Result:
     rundir: Path = field(default_factory=Path)
 
     def violations(self) -> list[str]:
+        """The checker's, plus the harness's own: a fault that could not be injected, or a
+        replica that died without being told to, voids the campaign's claim."""
         found = self.verdict.violations(self.fencing)
         found += [f"nemesis: {error}" for error in self.nemesis_errors]
         found += [f"replica exited on its own: {crash}" for crash in self.crashed]
@@ -201,6 +205,24 @@ def run_campaign(spec: Spec, rundir: Path) -> Result:
     )
     (rundir / "verdict.json").write_text(json.dumps(asdict(result), default=str, indent=1))
     return result
+
+
+def load_result(rundir: Path) -> Result:
+    """A finished campaign from its run directory, its verdict recomputed by the checker."""
+    saved = json.loads((rundir / "verdict.json").read_text())
+    spec = saved["spec"]
+    return Result(
+        Spec(**{**spec, "gap": tuple(spec["gap"]), "faults": tuple(spec["faults"])}),
+        saved["fencing"],
+        saved["predicted"],
+        runs.verdict(rundir),
+        [Fault(**fault) for fault in saved["faults"]],
+        saved["nemesis_errors"],
+        saved["crashed"],
+        saved["token_regressions"],
+        saved["seconds"],
+        rundir,
+    )
 
 
 def _drive(campaign: Campaign) -> tuple[Window, list[Fault], Nemesis, list[str]]:

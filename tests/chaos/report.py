@@ -95,17 +95,15 @@ def _findings(result: Result) -> list[str]:
 def render(
     results: Sequence[Result], command: str, replay: str, started: str, minutes: float
 ) -> str:
-    lines = [
-        BEGIN,
-        "",
+    note = (
         f"Made by `{command}`), started {started}, {minutes:.1f} minutes in all."
-        f" Replay a backend's run: `{replay}`.",
-        "",
-        *summary(results),
-        "",
-        "### Per fault",
-        "",
-    ]
+        f" Replay a backend's run: `{replay}`."
+    )
+    return render_results(results, note)
+
+
+def render_results(results: Sequence[Result], note: str) -> str:
+    lines = [BEGIN, "", note, "", *summary(results), "", "### Per fault", ""]
     for result in results:
         lines += per_fault(result)
     return "\n".join([*lines, END]) + "\n"

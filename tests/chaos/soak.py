@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tests.chaos import report
 from tests.chaos.coordinators import BACKENDS
-from tests.chaos.harness import Result, Spec, run_campaign
+from tests.chaos.harness import Result, Spec, load_result, run_campaign
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default="", help="only these fault kinds (comma-separated)")
     parser.add_argument("--gap", type=float, nargs=2, default=(5.0, 12.0), help="seconds")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument(
+        "--recheck",
+        type=Path,
+        help="no campaign: recompute the verdicts of a kept soak directory and rewrite the report",
+    )
     args = parser.parse_args(argv)
+    if args.recheck:
+        return recheck(args.recheck, args.out)
     # The harness's own ledger client reconnects noisily through coordinator restarts.
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)
     seed = args.seed or random.SystemRandom().randrange(1, 2**31)
@@ -89,6 +96,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(root)
     return 1 if failed else 0
+
+
+def recheck(root: Path, out: Path) -> int:
+    """Recompute every verdict of a kept soak from its run directories alone (the checker is
+    offline), keeping the report's line on how and when the campaigns ran."""
+    results = [
+        load_result(root / backend)
+        for backend in BACKENDS
+        if (root / backend / "verdict.json").exists()
+    ]
+    made = next((line for line in out.read_text().splitlines() if line.startswith("Made by ")), "")
+    made = made.split(" Replay a backend", 1)[0]
+    note = f"{made} Verdicts recomputed offline from its run directories by `python -m"
+    note += f" tests.chaos.soak --recheck {root}`."
+    report.write(out, report.render_results(results, note))
+    for result in results:
+        say(f"{result.spec.backend}: violations {result.violations()[:5]}")
+    return 1 if any(r.violations() for r in results) else 0
 
 
 def say(line: str) -> None:

@@ -97,10 +97,10 @@ def test_a_miss_long_after_a_fault_ended_is_not_excused() -> None:
     assert [run for run, _ in verdict.unexplained] == [RUNS[2]]
 
 
-def test_an_overlap_skip_right_after_an_overrunning_previous_run_is_explained() -> None:
+def test_an_overlap_skip_by_the_replica_still_running_the_previous_firing_is_explained() -> None:
     writes, history = clean()
     writes[0] = write(1, RUNS[0], 1, at=100.8)
-    history[1] = Attempt(RUNS[1], "skipped", None, reason="overlap")
+    history[1] = Attempt(RUNS[1], "skipped", None, replica="r1", reason="overlap")
     verdict = check(WINDOW, [writes[0], writes[2]], history, faults=[])
     assert verdict.unexplained == []
     assert verdict.misses[0][1].startswith("overrun")
@@ -109,7 +109,15 @@ def test_an_overlap_skip_right_after_an_overrunning_previous_run_is_explained() 
 
 def test_an_overlap_skip_long_after_the_previous_run_ended_is_unexplained() -> None:
     writes, history = clean()
-    history[1] = Attempt(RUNS[1], "skipped", None, reason="overlap")
+    history[1] = Attempt(RUNS[1], "skipped", None, replica="r1", reason="overlap")
+    verdict = check(WINDOW, [writes[0], writes[2]], history, faults=[])
+    assert [run for run, _ in verdict.unexplained] == [RUNS[1]]
+
+
+def test_an_overlap_skip_by_a_replica_that_did_not_run_the_previous_firing_is_unexplained() -> None:
+    writes, history = clean()
+    writes[0] = write(1, RUNS[0], 1, at=100.8)
+    history[1] = Attempt(RUNS[1], "skipped", None, replica="r4", reason="overlap")
     verdict = check(WINDOW, [writes[0], writes[2]], history, faults=[])
     assert [run for run, _ in verdict.unexplained] == [RUNS[1]]
 
