@@ -16,11 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.servers.etcd import EtcdCluster, etcd_cluster
 from tests.servers.postgres import fresh_server
 from tests.servers.redis import RedisServer, redis_servers
-from tests.servers.zookeeper import ZookeeperEnsemble, ensemble
+
+if TYPE_CHECKING:
+    from tests.servers.zookeeper import ZookeeperEnsemble
 
 #: Backends a campaign can run on, in the report's order.
 BACKENDS = ("sqlite", "redis", "redis-volatile", "redlock", "zookeeper", "etcd", "postgres")
@@ -149,6 +152,10 @@ def _redlock(workdir: Path) -> Iterator[Coordinator]:
 
 
 def _zookeeper(workdir: Path) -> Iterator[Coordinator]:
+    # Imported here, not at the top: other test modules load tests.servers.zookeeper as a
+    # pytest plugin, and pytest cannot rewrite a plugin module imported before collection.
+    from tests.servers.zookeeper import ensemble
+
     prefix = f"/chaos-{uuid.uuid4().hex[:8]}"
     with ensemble(workdir / "zookeeper") as group:
         pids = [m.pid for m in group.members]
