@@ -33,14 +33,20 @@ def campaign(backend: str, tmp_path: Path) -> Result:
     return result
 
 
+#: A campaign must apply at least this many firings to say anything about fencing.
+MIN_APPLIED = 10
+
+
 def assert_holds(result: Result) -> None:
     """The invariants the backend claims, plus the harness's own sanity: faults were
-    injected and most firings applied (a campaign where nothing ran proves nothing)."""
+    injected and firings applied (a campaign where nothing ran proves nothing). How many
+    firings were missed is not asserted: a 30 s campaign can spend most of its time with the
+    coordinator paused or restarting; the checker decides whether each miss is explained."""
     seed = result.spec.seed
     assert result.faults, f"no fault was injected (seed {seed})"
     verdict = result.verdict
     assert verdict.firings >= DURATION, f"window too short: {verdict.firings} firings"
-    assert verdict.applied >= verdict.firings // 2, (
+    assert verdict.applied >= MIN_APPLIED, (
         f"only {verdict.applied} of {verdict.firings} firings applied (seed {seed}):"
         f" {verdict.misses[:10]}"
     )
