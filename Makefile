@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test servers lint typecheck bench clean
+.PHONY: run test servers lint typecheck bench clean chaos-soak
 
 run: $(VENV)/.installed
 	$(BIN)/singleton run config.example.yaml
@@ -12,6 +12,15 @@ test: servers $(VENV)/.dev
 	$(BIN)/ruff check singleton tests jobs
 	$(BIN)/mypy singleton
 	$(BIN)/pytest -n 2 --dist loadfile --durations=15
+
+# The chaos suite's soak size (tests/chaos/soak.py): minutes of random faults per backend,
+# one backend at a time; rewrites the generated part of docs/reliability.md. Replay a run
+# with its seed: make chaos-soak SEED=N BACKENDS=redis
+MINUTES ?= 4.5
+SEED ?= 0
+BACKENDS ?= sqlite,redis,redis-volatile,redlock,zookeeper,etcd,postgres
+chaos-soak: servers $(VENV)/.dev
+	$(BIN)/python -m tests.chaos.soak --minutes $(MINUTES) --seed $(SEED) --backends $(BACKENDS)
 
 servers:
 	scripts/install-servers

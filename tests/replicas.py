@@ -7,6 +7,7 @@ ledger's state rather than from sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,11 +79,16 @@ class Replica:
         return found
 
     def signal_tree(self, signum: int) -> None:
-        """Send ``signum`` to the replica and to its jobs' process groups."""
-        pgids = {os.getpgid(child) for child in self.children()}
+        """Send ``signum`` to the replica and to its jobs' process groups (a job that ends
+        meanwhile is no error)."""
+        pgids = set()
+        for child in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                pgids.add(os.getpgid(child))
         os.kill(self.pid, signum)
         for pgid in pgids:
-            os.killpg(pgid, signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signum)
 
 
 @dataclass
@@ -113,7 +119,7 @@ class Fleet:
             "run",
             str(self.config),
         ]
-        with log.open("wb") as stderr:
+        with log.open("ab") as stderr:  # a restarted replica appends to its log
             process = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=self.workdir
             )

@@ -1,5 +1,7 @@
 """A fenced sink for multi-process tests: the job command writes its run through the SQLite
-fencing guard, and every attempt, applied or refused, is logged with the time.
+fencing guard, and every attempt, applied or refused, is logged with the time (``at``, the
+writer's wall clock, which faketime may skew; ``mono``, the real CLOCK_MONOTONIC, which is
+system-wide on Linux and so comparable with the chaos harness's own).
 
 Usage (as a job command): python -m tests.helpers.sink SINK_DB [--sleep S] [--ignore-term]
 """
@@ -19,7 +21,7 @@ from singleton.fencing.sqlite import fence
 
 LOG = """CREATE TABLE IF NOT EXISTS writes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, token INTEGER, replica TEXT,
-    applied INTEGER, reason TEXT, at REAL)"""
+    applied INTEGER, reason TEXT, at REAL, mono REAL)"""
 
 
 def write(path: str, run_id: str, token: int, replica: str) -> None:
@@ -31,16 +33,16 @@ def write(path: str, run_id: str, token: int, replica: str) -> None:
             with conn:
                 fence(conn, "sink", token, run_id)
                 conn.execute(
-                    "INSERT INTO writes (run_id, token, replica, applied, at)"
-                    " VALUES (?, ?, ?, 1, ?)",
-                    (run_id, token, replica, time.time()),
+                    "INSERT INTO writes (run_id, token, replica, applied, at, mono)"
+                    " VALUES (?, ?, ?, 1, ?, ?)",
+                    (run_id, token, replica, time.time(), time.monotonic()),
                 )
         except (StaleToken, AlreadyApplied) as exc:
             with conn:
                 conn.execute(
-                    "INSERT INTO writes (run_id, token, replica, applied, reason, at)"
-                    " VALUES (?, ?, ?, 0, ?, ?)",
-                    (run_id, token, replica, type(exc).__name__, time.time()),
+                    "INSERT INTO writes (run_id, token, replica, applied, reason, at, mono)"
+                    " VALUES (?, ?, ?, 0, ?, ?, ?)",
+                    (run_id, token, replica, type(exc).__name__, time.time(), time.monotonic()),
                 )
     finally:
         conn.close()

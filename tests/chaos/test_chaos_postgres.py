@@ -1,0 +1,18 @@
+"""Chaos campaign on PostgreSQL: owner faults, fast-shutdown restarts of the server, the
+owner's connections cut or black-holed, a skewed replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.ci import assert_holds, campaign
+
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(300)]
+
+
+def test_random_faults_apply_every_firing_once_and_no_stale_write_on_postgres(
+    tmp_path: Path,
+) -> None:
+    assert_holds(campaign("postgres", tmp_path))

@@ -1,0 +1,18 @@
+"""Chaos campaign on a three-member ZooKeeper ensemble: owner faults, restarts of one member
+and of the whole ensemble, the owner's connections cut or black-holed, a skewed replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.ci import assert_holds, campaign
+
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(300)]
+
+
+def test_random_faults_apply_every_firing_once_and_no_stale_write_on_zookeeper(
+    tmp_path: Path,
+) -> None:
+    assert_holds(campaign("zookeeper", tmp_path))
