@@ -9,7 +9,7 @@ run: $(VENV)/.installed
 	$(BIN)/singleton run config.example.yaml
 
 test: servers $(VENV)/.dev
-	$(BIN)/ruff check singleton tests jobs
+	$(BIN)/ruff check singleton tests jobs bench
 	$(BIN)/mypy singleton
 	$(BIN)/pytest -n 2 --dist loadfile --durations=15
 

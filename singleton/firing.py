@@ -137,6 +137,12 @@ class Firer:
         with self._owned_lock:
             return any(item.run.job == job for item in self._owned.values())
 
+    def running(self, job: str) -> bool:
+        """Whether an attempt of ``job`` runs here now (not merely a standby, or a check
+        that the firing is done)."""
+        with self._owned_lock:
+            return any(item.run.job == job and item.attempt for item in self._owned.values())
+
     def cancel(self, job: str) -> int:
         """Stop this replica's running firings of ``job`` because a newer firing came
         (``overlap: cancel_other``); they end ``interrupted`` with reason ``overlap``.

@@ -56,6 +56,9 @@ MAX_BUFFERED = 100
 #: ``catchup: latest`` looks this far back through a schedule for its latest firing.
 MAX_CATCHUP_SCAN = 100 * MAX_CATCHUP
 
+#: A firing waiting its turn: its instant, and whether it may run past ``misfire_grace``.
+Pending = tuple[datetime, bool]
+
 
 class Runner:
     """One replica: schedules every job and fires it through the shared backend."""
@@ -78,8 +81,9 @@ class Runner:
         self.scheduler = Scheduler(list(app.jobs.values()), clock, self.dispatch)
         #: Per job, the threads working on its firings here (more than one: ``allow``).
         self._in_flight: dict[str, list[threading.Thread]] = {}
-        #: Per job, firings waiting for the running one (``buffer_*``, ``cancel_other``).
-        self._buffered: dict[str, deque[datetime]] = {}
+        #: Per job, firings waiting for the one in flight here, each with whether it may
+        #: run late (buffered by the ``overlap`` policy) or not (queued behind a standby).
+        self._buffered: dict[str, deque[Pending]] = {}
         self._lock = threading.Lock()
         self._signals = 0
         self._scheduling = threading.Event()
@@ -98,58 +102,63 @@ class Runner:
 
     def dispatch(self, job: Job, scheduled_at: datetime) -> None:
         """Start a firing in its own thread, unless this replica is still busy with the
-        job's previous firing: then the job's ``overlap`` policy decides."""
+        job's previous firing. Running it here, the job's ``overlap`` policy decides; only
+        standing by for it (or checking that it is done), the new firing waits its turn
+        and then goes the normal way, so no firing is lost while an owner elsewhere is
+        dead or slow: it runs, or is recorded as a duplicate, a misfire or an overlap."""
         with self._lock:
             if job.overlap == "allow" or job.name not in self._in_flight:
-                self._start(job, deque([scheduled_at]), late_ok=False)
+                self._start(job, deque([(scheduled_at, False)]))
                 return
-            dropped = self._buffer(job, scheduled_at)
-        if job.overlap == "cancel_other" and self.firer.cancel(job.name):
+            running = self.firer.running(job.name)
+            if running:
+                dropped = self._buffer(job, scheduled_at)
+            else:
+                dropped = self._queue(job, (scheduled_at, False), MAX_BUFFERED)
+        if running and job.overlap == "cancel_other" and self.firer.cancel(job.name):
             self.events.emit("cancelling", job.name, for_run=run_id(job.name, scheduled_at))
         for when in dropped:
-            self._overlapped(job, when)
+            run = Run(job.name, run_id(job.name, when), when)
+            threading.Thread(target=self._skip_overlap, args=(run,), daemon=True).start()
 
     def _buffer(self, job: Job, scheduled_at: datetime) -> list[datetime]:
-        """Queue ``scheduled_at`` behind the running firing as the policy says (the caller
-        holds the lock); the firings it drops, to be recorded as overlaps."""
-        queue = self._buffered.setdefault(job.name, deque())
+        """Queue ``scheduled_at`` behind the firing running here as the policy says (the
+        caller holds the lock); the firings it drops, to be recorded as overlaps."""
         if job.overlap == "cancel_other":
-            dropped = list(queue)  # superseded by a newer firing, as the running one is
+            queue = self._buffered.setdefault(job.name, deque())
+            superseded = [when for when, _ in queue]  # as the running one is
             queue.clear()
-        elif job.overlap == "buffer_all" and len(queue) < MAX_BUFFERED:
-            dropped = []
-        elif job.overlap == "buffer_one" and not queue:
-            dropped = []
-        else:
-            return [scheduled_at]
-        queue.append(scheduled_at)
-        self.events.emit("buffered", job.name, run_id(job.name, scheduled_at), waiting=len(queue))
-        return dropped
+            return superseded + self._queue(job, (scheduled_at, True), 1)
+        if job.overlap == "buffer_all":
+            return self._queue(job, (scheduled_at, True), MAX_BUFFERED)
+        if job.overlap == "buffer_one":
+            return self._queue(job, (scheduled_at, True), 1)
+        return [scheduled_at]
 
-    def _overlapped(self, job: Job, scheduled_at: datetime) -> None:
-        """A firing this replica will not run: its owner records it as an ``overlap``; a
-        standby leaves that to the owner."""
-        run = Run(job.name, run_id(job.name, scheduled_at), scheduled_at)
-        if self.firer.owns(job.name):
-            threading.Thread(target=self._skip_overlap, args=(run,), daemon=True).start()
-        else:
-            self.events.emit(
-                "skipped", job.name, run.run_id, reason="busy_standing_by", recorded=False
-            )
+    def _queue(self, job: Job, firing: Pending, bound: int) -> list[datetime]:
+        """Add ``firing`` to the job's queue unless it holds ``bound`` already (the caller
+        holds the lock); what did not fit."""
+        queue = self._buffered.setdefault(job.name, deque())
+        if len(queue) >= bound:
+            return [firing[0]]
+        queue.append(firing)
+        when = firing[0]
+        self.events.emit("buffered", job.name, run_id(job.name, when), waiting=len(queue))
+        return []
 
-    def _start(self, job: Job, firings: deque[datetime], late_ok: bool) -> None:
-        """A thread that runs ``firings`` in order, then whatever was buffered meanwhile
+    def _start(self, job: Job, firings: deque[Pending]) -> None:
+        """A thread that runs ``firings`` in order, then whatever was queued meanwhile
         (the caller holds the lock)."""
         thread = threading.Thread(
             target=self._fire_in_turn,
-            args=(job, firings, late_ok),
+            args=(job, firings),
             name=f"fire-{job.name}",
             daemon=True,
         )
         self._in_flight.setdefault(job.name, []).append(thread)
         thread.start()
 
-    def _fire_in_turn(self, job: Job, firings: deque[datetime], late_ok: bool) -> None:
+    def _fire_in_turn(self, job: Job, firings: deque[Pending]) -> None:
         me = threading.current_thread()
         try:
             while True:
@@ -160,8 +169,7 @@ class Runner:
                             self._done(job, me)
                             return
                         firings.append(queue.popleft())
-                    late_ok = True  # buffered in time; it runs late on purpose
-                self._fire(job, firings.popleft(), late_ok)
+                self._fire(job, *firings.popleft())
         except BaseException:
             with self._lock:
                 self._done(job, me)
@@ -229,28 +237,22 @@ class Runner:
         """``catchup``: the firings of the window before this replica started that the
         ledger has never heard of (the whole fleet was down) are run now, oldest first, each
         under its own run ID, so two replicas starting at once still run each once."""
+        start = until - timedelta(seconds=job.catchup_window)
+        limit = MAX_CATCHUP_SCAN if job.catchup == "latest" else MAX_CATCHUP
+        missed: deque[Pending] = deque()
         try:
+            found = fires_between(job.schedule, start, until, limit)
             if job.catchup == "latest":
-                found = fires_between(
-                    job.schedule,
-                    until - timedelta(seconds=job.catchup_window),
-                    until,
-                    MAX_CATCHUP_SCAN,
-                )[-1:]
-            else:
-                found = fires_between(
-                    job.schedule, until - timedelta(seconds=job.catchup_window), until, MAX_CATCHUP
-                )
-            missed = deque(
-                when for when in found if not self.backend.attempts(run_id(job.name, when))
+                found = found[-1:]
+            missed.extend(
+                (when, True) for when in found if not self.backend.attempts(run_id(job.name, when))
             )
         except Exception as exc:
-            missed = deque()
             log.warning(
                 "catching up failed", extra={"fields": {"job": job.name, "error": str(exc)}}
             )
         self.events.emit("catching_up", job.name, missed=len(missed), policy=job.catchup)
-        self._fire_in_turn(job, missed, late_ok=True)
+        self._fire_in_turn(job, missed)
 
     def _skip_overlap(self, run: Run) -> None:
         try:

@@ -210,27 +210,52 @@ def test_a_firing_due_while_the_previous_one_runs_here_is_recorded_as_overlap(
     assert wait_for("success", lambda: states(backend, "compact", first) == [(1, "succeeded")])
 
 
-def test_a_firing_due_while_this_replica_stands_by_is_left_to_the_owner(
+def test_a_firing_due_while_this_replica_stands_by_runs_after_the_standby(
     tmp_path: Path, open_sqlite: SqliteFactory
 ) -> None:
     backend, elsewhere = open_sqlite(), open_sqlite()
     held = elsewhere.try_acquire("compact", 30.0, "owner-elsewhere:1")
     assert held is not None
-    job = make_job("compact", lambda: None)
+    ran: list[str] = []
+    job = make_job("compact", lambda ctx: ran.append(ctx.run_id))
     runner, events = make_runner(tmp_path, backend, [job])
     first, second = fire_time(seconds_ago=1.0), fire_time()
 
     runner.dispatch(job, first)
     events.wait_for("standby")
     runner.dispatch(job, second)
-    skipped = events.wait_for("skipped", reason="busy_standing_by")
-    runner.stop()  # ends the standby
-    wait_for("the standby to end", lambda: not runner.firer.owns("compact") and not _busy(runner))
+    queued = events.wait_for("buffered")
+    elsewhere.release(held)  # the owner elsewhere is done (or gone): its lock frees
+    wait_for("both firings", lambda: len(ran) == 2)
 
-    assert (skipped.run_id, skipped.fields["recorded"]) == (run_id("compact", second), False)
-    assert backend.history("compact", 0) == []
-    elsewhere.release(held)
+    assert queued.run_id == run_id("compact", second)
+    assert ran == [run_id("compact", first), run_id("compact", second)]
 
 
-def _busy(runner: Runner) -> bool:
-    return bool(runner._in_flight)
+def test_a_firing_due_while_this_replica_only_checks_a_done_one_is_not_skipped(
+    tmp_path: Path,
+) -> None:
+    backend = MemoryBackend()
+    ran: list[str] = []
+    job = make_job("compact", lambda ctx: ran.append(ctx.run_id))
+    first, second = fire_time(seconds_ago=1.0), fire_time()
+    owner, _ = make_runner(tmp_path, backend, [job])
+    owner.firer.fire(job, first)
+    checker, _ = make_runner(tmp_path, backend, [job])
+    releasing, go_on = threading.Event(), threading.Event()
+    release = backend.release
+
+    def slow_release(lease: Any, keep_for: float = 0.0) -> None:
+        releasing.set()  # still holding the lock, having found the first firing done
+        go_on.wait(5)
+        release(lease, keep_for)
+
+    backend.release = slow_release  # type: ignore[method-assign]
+    checker.dispatch(job, first)
+    assert releasing.wait(5)
+    checker.dispatch(job, second)  # its instant comes during the check
+    go_on.set()
+    wait_for("the second firing", lambda: len(ran) == 2)
+
+    assert ran == [run_id("compact", first), run_id("compact", second)]
+    assert backend.attempts(run_id("compact", second))[0].state == "succeeded"
