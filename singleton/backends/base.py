@@ -258,10 +258,19 @@ class Ledger(Protocol):
 
     def claim(self, run: Run, lease: Lease, *, seen: int = 0, start: bool = True) -> Claim:
         """Atomically, while ``lease`` is the current lease of ``run.job``: if the run's latest
-        attempt number equals ``seen`` (0: no attempt), mark that attempt ``abandoned`` if it
-        is still ``running``, and, if ``start``, write attempt ``seen + 1`` as ``running``
-        under the lease's token. Otherwise write nothing. Either way return the latest
-        attempt as it was found. Raises LeaseLost if ``lease`` is not current."""
+        attempt number equals ``seen`` (0: no attempt) and that attempt has not ``succeeded``,
+        mark it ``abandoned`` if it is still ``running``, and, if ``start``, write attempt
+        ``seen + 1`` as ``running`` under the lease's token. Otherwise write nothing. Either
+        way return the latest attempt as it was found. Raises LeaseLost if ``lease`` is not
+        current.
+
+        A ``succeeded`` latest attempt means the firing is done: nothing is written, whatever
+        ``seen`` says. ``finish`` is fenced by the attempt row, not the lock, so an owner whose
+        lease expired can still record success between a new owner's read (it saw
+        ``running``) and its claim; the check is part of the same atomic step on the
+        coordinator, never a read from the client before it. Any other state (``skipped``,
+        ``failed``, ``timed_out``, ``interrupted``, ``abandoned``, ``lost_lease``) may be
+        followed by a new attempt."""
         ...
 
     def finish(self, run: Run, lease: Lease, attempt: int, outcome: Outcome) -> bool:

@@ -55,6 +55,7 @@ from singleton.backends.base import (
     ABANDONED,
     RUNNING,
     SKIPPED,
+    SUCCEEDED,
     Attempt,
     Capabilities,
     Claim,
@@ -944,7 +945,12 @@ class EtcdBackend(Composed):
         if seen:
             found = self._found(self._read(*self._found_ops(run, lease))[0], lease)
         for _ in range(CAS_ROUNDS):
-            if found is not None and found.number != seen:
+            if found is not None and (
+                found.number != seen or (found.latest and found.latest.state == SUCCEEDED)
+            ):
+                # Moved on, or done (a stale owner's finish can land between the caller's
+                # read and this claim): write nothing. A finish that lands after this read
+                # changes the attempt's mod revision, which the transaction below compares.
                 return Claim(found.latest, None, found.highest)
             latest = found.latest if found else None
             now = self._clock.now()

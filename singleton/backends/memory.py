@@ -14,6 +14,7 @@ from singleton.backends.base import (
     ABANDONED,
     RUNNING,
     SKIPPED,
+    SUCCEEDED,
     Attempt,
     Capabilities,
     Claim,
@@ -119,6 +120,8 @@ class MemoryBackend(Composed):
             highest = max((row.token or 0 for row in self._order if row.job == run.job), default=0)
             if (latest.attempt if latest else 0) != seen:
                 return Claim(latest, None, highest)
+            if latest is not None and latest.state == SUCCEEDED:
+                return Claim(latest, None, highest)  # done: never a second run of a firing
             if latest is not None and latest.state == RUNNING:
                 self._replace(
                     latest, replace(latest, state=ABANDONED, finished_at=self._clock.now())

@@ -62,6 +62,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 
 from singleton.backends import open_backend
 from singleton.backends.base import (
+    SUCCEEDED,
     Attempt,
     Capabilities,
     Claim,
@@ -645,7 +646,8 @@ class PostgresBackend:
 
     def claim(self, run: Run, lease: Lease, *, seen: int = 0, start: bool = True) -> Claim:
         claim = self._claim(run, lease, seen, start)
-        if start and claim.attempt is None and _number(claim.latest) == seen:
+        done = claim.latest is not None and claim.latest.state == SUCCEEDED
+        if start and claim.attempt is None and _number(claim.latest) == seen and not done:
             # The attempt number was taken between the statement's read and its write (by a
             # skip, the one ledger write that holds no lease): look again to return it.
             claim = self._claim(run, lease, seen, start)

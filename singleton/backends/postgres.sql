@@ -221,9 +221,14 @@ SELECT token, {schema}.wake_next(%(name)s) FROM evicted
 
 -- name: claim
 -- A compare-and-set on the run's attempt number, only while the lease is current: if the
--- latest attempt is number seen (0: none), abandon it if still running, and if start,
--- write attempt seen + 1. The lock row is locked first (FOR UPDATE), so the lease cannot
--- change hands before this statement commits.
+-- latest attempt is number seen (0: none) and has not succeeded, abandon it if still
+-- running, and if start, write attempt seen + 1. The lock row is locked first (FOR UPDATE),
+-- so the lease cannot change hands before this statement commits. Then the latest attempt
+-- row is locked (FOR UPDATE; its EXISTS on lease is a one-time filter, run before the scan,
+-- which keeps the lock-row-first order): a stale owner's finish (fenced by that row alone)
+-- that committed after this statement's snapshot is seen here, as the row version the lock
+-- returns, and one that comes later waits for this statement and then finds the row
+-- abandoned. A succeeded attempt is never followed by another.
 WITH lease AS (
     SELECT FROM {schema}.locks
      WHERE name = %(name)s AND owner = %(owner)s AND token = %(token)s
@@ -231,10 +236,13 @@ WITH lease AS (
        FOR UPDATE
 ), latest AS (
     SELECT a FROM {schema}.attempts AS a
-     WHERE a.run_id = %(run_id)s
+     WHERE a.run_id = %(run_id)s AND EXISTS (SELECT FROM lease)
      ORDER BY a.attempt DESC LIMIT 1
+       FOR UPDATE
 ), agreed AS (
-    SELECT FROM lease WHERE coalesce((SELECT (a).attempt FROM latest), 0) = %(seen)s
+    SELECT FROM lease
+     WHERE coalesce((SELECT (a).attempt FROM latest), 0) = %(seen)s
+       AND coalesce((SELECT (a).state FROM latest), '') <> 'succeeded'
 ), abandoned AS (
     UPDATE {schema}.attempts
        SET state = 'abandoned', finished_at = %(now)s

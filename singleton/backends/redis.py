@@ -246,15 +246,19 @@ end
 
 -- The claim (see Ledger.claim): returns {latest as found, the number of the attempt it
 -- wrote or false, highest}. The caller has every field of the attempt it wrote (it sent
--- them), so the row is not read back: that saved a fifth of the fast path's time.
+-- them), so the row is not read back: that saved a fifth of the fast path's time. A run
+-- whose latest attempt succeeded is done, whatever the caller saw: nothing is written.
 local function claim(runs, index, highest_key, prefix, run_id, seen, start, token,
                      job, replica, scheduled_at, ts, now)
   local n = tonumber(redis.call('HGET', runs, run_id) or '0')
-  local latest = false
-  if n > 0 then latest = read(prefix .. run_id .. ':' .. n) end
+  local latest, state = false, false
+  if n > 0 then
+    latest = read(prefix .. run_id .. ':' .. n)
+    state = redis.call('HGET', prefix .. run_id .. ':' .. n, 'state')
+  end
   local highest = tonumber(redis.call('GET', highest_key) or '0')
-  if n ~= seen then return {latest, false, highest} end
-  if latest and redis.call('HGET', prefix .. run_id .. ':' .. n, 'state') == 'running' then
+  if n ~= seen or state == 'succeeded' then return {latest, false, highest} end
+  if state == 'running' then
     redis.call('HSET', prefix .. run_id .. ':' .. n, 'state', 'abandoned', 'finished_at', now)
   end
   if start ~= '1' then return {latest, false, highest} end

@@ -73,6 +73,7 @@ from redis.commands.core import Script
 from singleton.backends.base import (
     RUNNING,
     SKIPPED,
+    SUCCEEDED,
     Attempt,
     Capabilities,
     Claim,
@@ -626,6 +627,10 @@ class RedlockBackend(Composed):
         if written is None:
             return Claim(latest, None, highest)
         took = [node for node, c in current if c.attempt is not None]
+        if len(took) < self.quorum and latest is not None and latest.state == SUCCEEDED:
+            # The run is done where the finish landed (the script writes nothing there); a
+            # node that missed the finish wrote, but no other node is brought up to it.
+            return Claim(latest, None, highest)
         ahead = latest is not None and latest.attempt > seen
         if len(took) < self.quorum and not ahead:
             # The others missed earlier attempts of this run (they were down): catch them up.

@@ -32,6 +32,7 @@ from singleton.backends.base import (
     ABANDONED,
     RUNNING,
     SKIPPED,
+    SUCCEEDED,
     Attempt,
     Capabilities,
     Claim,
@@ -354,6 +355,11 @@ class SqliteBackend:
             "SELECT COALESCE(MAX(token), 0) FROM singleton_attempts WHERE job = ?", (run.job,)
         ).fetchone()[0]
         if (latest.attempt if latest else 0) != seen:
+            return Claim(latest, None, highest)
+        if latest is not None and latest.state == SUCCEEDED:
+            # Done, whatever the caller saw: a stale owner's finish can land between the
+            # caller's read and this claim. The read above is in this BEGIN IMMEDIATE
+            # transaction, so no finish can land between it and the writes below.
             return Claim(latest, None, highest)
         now = iso_z(self._clock.now(), millis=True)
         if latest is not None and latest.state == RUNNING:

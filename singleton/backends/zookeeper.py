@@ -80,6 +80,7 @@ from singleton.backends.base import (
     ABANDONED,
     RUNNING,
     SKIPPED,
+    SUCCEEDED,
     Attempt,
     Capabilities,
     Claim,
@@ -801,7 +802,13 @@ class ZookeeperBackend(Composed):
             except NoNodeError:
                 continue  # the newest attempt was pruned as we looked
             ops: list[tuple[Any, ...]] = [("check", held.path, -1)]
-            current = (latest.attempt if latest else 0) == seen
+            # Never a new attempt over a succeeded one, whatever the caller saw: a stale
+            # owner's finish can land between its read and this claim. The multi below
+            # checks (or sets) the latest attempt at the version read here, so a finish
+            # that lands after this read fails the multi and the next round sees it.
+            current = (latest.attempt if latest else 0) == seen and (
+                latest is None or latest.state != SUCCEEDED
+            )
             if latest is not None:
                 latest_path = f"{run_dir}/{latest.attempt:010d}"
                 if current and latest.state == RUNNING:

@@ -327,6 +327,46 @@ class BackendContract:
         assert not backend.finish(run, stale, 1, Outcome(SUCCEEDED))
         assert [a.state for a in other.attempts(run.run_id)] == [RUNNING, ABANDONED]
 
+    def test_claim_never_starts_over_a_succeeded_attempt(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        # The old owner's lease expires (a pause), the new owner reads attempt 1 as running
+        # and decides to take over; the old owner's finish lands first (it is fenced by the
+        # attempt row, which is still running under its token). The takeover's claim, with
+        # the attempt number it saw, must find the firing done and write nothing.
+        run = make_run(name)
+        stale = self.acquire(backend, name, self.short_ttl)
+        backend.claim(run, stale)
+        self.wait_out(stale)
+        live = self.acquire(other, name)
+        assert backend.finish(run, stale, 1, Outcome(SUCCEEDED))
+        claim = other.claim(run, live, seen=1, start=True)
+        assert claim.attempt is None
+        assert claim.latest is not None and claim.latest.state == SUCCEEDED
+        assert [a.state for a in other.attempts(run.run_id)] == [SUCCEEDED]
+
+    def test_claim_starts_over_a_skipped_attempt(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        run = make_run(name)
+        assert backend.skip(run, "misfired", "contract")
+        lease = self.acquire(other, name)
+        claim = other.claim(run, lease, seen=1, start=True)
+        assert claim.latest is not None and claim.latest.state == SKIPPED
+        assert claim.attempt is not None and claim.attempt.attempt == 2
+        states = [(a.attempt, a.state) for a in other.attempts(run.run_id)]
+        assert states == [(2, RUNNING), (1, SKIPPED)]
+
+    def test_claim_starts_over_a_failed_attempt(self, backend: Backend, name: str) -> None:
+        run = make_run(name)
+        lease = self.acquire(backend, name)
+        backend.claim(run, lease)
+        assert backend.finish(run, lease, 1, Outcome(FAILED, "exit 3"))
+        claim = backend.claim(run, lease, seen=1, start=True)
+        assert claim.attempt is not None and claim.attempt.attempt == 2
+        states = [(a.attempt, a.state) for a in backend.attempts(run.run_id)]
+        assert states == [(2, RUNNING), (1, FAILED)]
+
     def test_finish_records_a_reason(self, backend: Backend, other: Backend, name: str) -> None:
         run = make_run(name)
         lease = self.acquire(backend, name)
