@@ -114,7 +114,7 @@ class Runner:
             if running:
                 dropped = self._buffer(job, scheduled_at)
             else:
-                dropped = self._queue(job, (scheduled_at, False), MAX_BUFFERED)
+                dropped = self._behind_standby(job, scheduled_at)
         if running and job.overlap == "cancel_other" and self.firer.cancel(job.name):
             self.events.emit("cancelling", job.name, for_run=run_id(job.name, scheduled_at))
         for when in dropped:
@@ -134,6 +134,18 @@ class Runner:
         if job.overlap == "buffer_one":
             return self._queue(job, (scheduled_at, True), 1)
         return [scheduled_at]
+
+    def _behind_standby(self, job: Job, scheduled_at: datetime) -> list[datetime]:
+        """Keep only the newest firing behind a standby (the caller holds the lock): a
+        standby trails the fleet, and waiting for each firing in turn would make it trail
+        further. The one it replaces is recorded as an ``overlap`` unless it has an attempt
+        already (someone not busy ran it), so no firing disappears without a trace."""
+        queue = self._buffered.setdefault(job.name, deque())
+        replaced = [when for when, late_ok in queue if not late_ok]
+        kept = [item for item in queue if item[1]]
+        queue.clear()
+        queue.extend(kept)
+        return replaced + self._queue(job, (scheduled_at, False), MAX_BUFFERED)
 
     def _queue(self, job: Job, firing: Pending, bound: int) -> list[datetime]:
         """Add ``firing`` to the job's queue unless it holds ``bound`` already (the caller

@@ -259,3 +259,27 @@ def test_a_firing_due_while_this_replica_only_checks_a_done_one_is_not_skipped(
 
     assert ran == [run_id("compact", first), run_id("compact", second)]
     assert backend.attempts(run_id("compact", second))[0].state == "succeeded"
+
+
+def test_a_standby_keeps_only_the_newest_waiting_firing_and_records_the_one_it_replaces(
+    tmp_path: Path, open_sqlite: SqliteFactory
+) -> None:
+    backend, elsewhere = open_sqlite(), open_sqlite()
+    held = elsewhere.try_acquire("compact", 30.0, "owner-elsewhere:1")
+    assert held is not None
+    ran: list[str] = []
+    job = make_job("compact", lambda ctx: ran.append(ctx.run_id))
+    runner, events = make_runner(tmp_path, backend, [job])
+    first, second, third = fire_time(2.0), fire_time(1.0), fire_time()
+
+    runner.dispatch(job, first)
+    events.wait_for("standby")
+    runner.dispatch(job, second)
+    runner.dispatch(job, third)
+    wait_for("the replaced one recorded", lambda: backend.attempts(run_id("compact", second)))
+    elsewhere.release(held)
+    wait_for("the first and the newest", lambda: len(ran) == 2)
+
+    assert ran == [run_id("compact", first), run_id("compact", third)]
+    [replaced] = backend.attempts(run_id("compact", second))
+    assert (replaced.state, replaced.reason) == ("skipped", "overlap")
