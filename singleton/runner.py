@@ -102,16 +102,18 @@ class Runner:
 
     def dispatch(self, job: Job, scheduled_at: datetime) -> None:
         """Start a firing in its own thread, unless this replica is still busy with the
-        job's previous firing. Running it here, the job's ``overlap`` policy decides; only
-        standing by for it (or checking that it is done), the new firing waits its turn
-        and then goes the normal way, so no firing is lost while an owner elsewhere is
-        dead or slow: it runs, or is recorded as a duplicate, a misfire or an overlap."""
+        job's previous firing. Running it here, or under a buffering policy, the job's
+        ``overlap`` policy decides. Under ``skip``, only standing by for it (or checking
+        that it is done), the newest firing waits its turn and then goes the normal way, so
+        no firing is lost while an owner elsewhere is dead or slow: it runs, or is recorded
+        as a duplicate, a misfire or an overlap."""
         with self._lock:
             if job.overlap == "allow" or job.name not in self._in_flight:
                 self._start(job, deque([(scheduled_at, False)]))
                 return
             running = self.firer.running(job.name)
-            if running:
+            if running or job.overlap != "skip":
+                # Standbys buffer as the owner does, so a buffered firing outlives its owner.
                 dropped = self._buffer(job, scheduled_at)
             else:
                 dropped = self._behind_standby(job, scheduled_at)
