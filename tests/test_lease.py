@@ -210,3 +210,17 @@ def test_stopping_a_keeper_past_its_deadline_reports_the_loss() -> None:
         clock.mono += 30.0  # paused past the deadline, and stopped before the keeper looked
         keeper.stop()
     assert lost.args == ["deadline passed"]
+
+
+def test_a_lease_let_go_before_its_first_renewal_never_takes_a_thread() -> None:
+    backend = ScriptedBackend()
+    lease = backend.try_acquire("short-job", 0.6, "me:1")
+    assert lease is not None
+    keeper = LeaseKeeper(backend, lease, SYSTEM_CLOCK, on_lost=Calls()).start()
+    threads = [thread.name for thread in threading.enumerate()]
+    keeper.stop()
+    time.sleep(0.4)  # past when the first renewal would have been due
+
+    assert "lease-short-job" not in threads
+    assert "lease-short-job" not in [thread.name for thread in threading.enumerate()]
+    assert backend.renewals == []
