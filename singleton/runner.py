@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -87,13 +88,11 @@ class Runner:
         self._lock = threading.Lock()
         self._signals = 0
         self._scheduling = threading.Event()
-        #: Where the schedule starts: catch-up covers the window before it.
-        self._since = clock.now()
-        self._scheduler_thread = threading.Thread(
-            target=lambda: self.scheduler.run(self.stopping, self._since),
-            name="scheduler",
-            daemon=True,
-        )
+        self._scheduler_thread: threading.Thread | None = None
+        #: Firings dropped by an overlap policy, for one thread to record: the scheduler
+        #: never waits on the backend, and a burst of them costs no thread each.
+        self._overlaps: queue.SimpleQueue[Run | None] = queue.SimpleQueue()
+        self._overlap_recorder: threading.Thread | None = None
         self.endpoint: Endpoint | None = None
         if app.settings.server.listen:
             self.endpoint = Endpoint(app.settings.server.listen, self._routes())
@@ -120,8 +119,7 @@ class Runner:
         if running and job.overlap == "cancel_other" and self.firer.cancel(job.name):
             self.events.emit("cancelling", job.name, for_run=run_id(job.name, scheduled_at))
         for when in dropped:
-            run = Run(job.name, run_id(job.name, when), when)
-            threading.Thread(target=self._skip_overlap, args=(run,), daemon=True).start()
+            self._record_overlap(Run(job.name, run_id(job.name, when), when))
 
     def _buffer(self, job: Job, scheduled_at: datetime) -> list[datetime]:
         """Queue ``scheduled_at`` behind the firing running here as the policy says (the
@@ -268,14 +266,25 @@ class Runner:
         self.events.emit("catching_up", job.name, missed=len(missed), policy=job.catchup)
         self._fire_in_turn(job, missed)
 
-    def _skip_overlap(self, run: Run) -> None:
-        try:
-            written = self.backend.skip(run, "overlap", self.replica)
-            self.events.emit("skipped", run.job, run.run_id, reason="overlap", recorded=written)
-        except Exception as exc:
-            log.exception(
-                "recording an overlap failed", extra={"fields": {"job": run.job, "error": str(exc)}}
-            )
+    def _record_overlap(self, run: Run) -> None:
+        with self._lock:
+            if self._overlap_recorder is None:
+                self._overlap_recorder = threading.Thread(
+                    target=self._record_overlaps, name="overlaps", daemon=True
+                )
+                self._overlap_recorder.start()
+        self._overlaps.put(run)
+
+    def _record_overlaps(self) -> None:
+        while (run := self._overlaps.get()) is not None:
+            try:
+                written = self.backend.skip(run, "overlap", self.replica)
+                self.events.emit("skipped", run.job, run.run_id, reason="overlap", recorded=written)
+            except Exception as exc:
+                log.exception(
+                    "recording an overlap failed",
+                    extra={"fields": {"job": run.job, "error": str(exc)}},
+                )
 
     def _housekeeping(self) -> None:
         """Enforce the ledger's retention every hour; every minute watch the clock skew to
@@ -346,7 +355,7 @@ class Runner:
             signal.signal(signal.SIGINT, self._on_signal)
         for warning in self.app.warnings(self.backend):
             log.warning(warning)
-        self._since = self.clock.now()
+        since = self.clock.now()  # where the schedule starts; catch-up covers the time before
         log.info(
             "started",
             extra={
@@ -354,12 +363,14 @@ class Runner:
                     "replica": self.replica,
                     "jobs": len(self.app.jobs),
                     "backend": redact(self.backend.url),
-                    "schedule_from": iso_z(self._since),
+                    "schedule_from": iso_z(since),
                 }
             },
         )
-        scheduler = self._scheduler_thread
-        self._start_catch_ups(self._since)
+        self._scheduler_thread = scheduler = threading.Thread(
+            target=self.scheduler.run, args=(self.stopping, since), name="scheduler", daemon=True
+        )
+        self._start_catch_ups(since)
         scheduler.start()
         threading.Thread(target=self._watch_pauses, name="pauses", daemon=True).start()
         self._scheduling.set()
@@ -372,6 +383,9 @@ class Runner:
             self._scheduling.clear()
             scheduler.join()
             self._drain()
+            if self._overlap_recorder is not None:
+                self._overlaps.put(None)
+                self._overlap_recorder.join(self.app.settings.kill_grace)
         finally:
             if self.endpoint is not None:
                 self.endpoint.stop()
@@ -387,7 +401,7 @@ class Runner:
             return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"not ready\n")
 
         return {
-            "/healthz": lambda: text(self._scheduler_thread.is_alive() or self.stopping.is_set()),
+            "/healthz": lambda: text(self._scheduling_alive() or self.stopping.is_set()),
             "/readyz": lambda: text(self._scheduling.is_set()),
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, self.metrics.text()),
             "/status": json_route(
@@ -405,12 +419,17 @@ class Runner:
             ),
         }
 
+    def _scheduling_alive(self) -> bool:
+        return self._scheduler_thread is not None and self._scheduler_thread.is_alive()
+
     def stop(self) -> None:
         self.stopping.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
+            for handler in logging.getLogger("singleton").handlers:
+                handler.flush()
             os.write(2, b"singleton: second signal, exiting now\n")
             os._exit(1)
         log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
