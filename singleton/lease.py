@@ -88,10 +88,17 @@ class LeaseKeeper:
         with self._starting:
             if self._stop.is_set() or self._thread is not None:
                 return
-            self._thread = threading.Thread(
+            thread = threading.Thread(
                 target=self._run, name=f"lease-{self._lease.name}", daemon=True
             )
-            self._thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # out of threads: nothing would watch the deadline
+                failed: RuntimeError | None = exc
+            else:
+                self._thread, failed = thread, None
+        if failed is not None:
+            self._lose(f"cannot renew: {failed}")
 
     def stop(self) -> Lease:
         """Stop renewing (the caller releases); returns the latest lease."""

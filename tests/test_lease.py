@@ -224,3 +224,23 @@ def test_a_lease_let_go_before_its_first_renewal_never_takes_a_thread() -> None:
     assert "lease-short-job" not in threads
     assert "lease-short-job" not in [thread.name for thread in threading.enumerate()]
     assert backend.renewals == []
+
+
+def test_a_keeper_that_cannot_get_a_thread_gives_the_lease_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = ScriptedBackend()
+    lease = backend.try_acquire("starved", 3.0, "me:1")
+    assert lease is not None
+    lost = Calls()
+    keeper = LeaseKeeper(backend, lease, SYSTEM_CLOCK, on_lost=lost)
+
+    def out_of_threads(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", out_of_threads)
+    keeper.begin()  # what the starter does when the first renewal is due
+    monkeypatch.undo()
+
+    assert lost.args == ["cannot renew: can't start new thread"]
+    assert keeper.lost
