@@ -221,6 +221,11 @@ def test_catch_up_runs_what_each_policy_asks_for_once_after_the_fleet_was_down(
 # --- backfill --------------------------------------------------------------------------------
 
 
+def backfill(config: Path, start: datetime, end: datetime, *extra: str) -> list[object]:
+    """The arguments of ``singleton backfill`` for the job ``report`` from ``start`` to ``end``."""
+    return ["backfill", config, "report", "--from", iso_z(start), "--to", iso_z(end), *extra]
+
+
 def backfill_range() -> tuple[datetime, datetime]:
     """Six firings of an ``every: 10s`` job, a few minutes ago."""
     start = every_schedule(10).next_after(datetime.now(UTC) - timedelta(minutes=5))
@@ -235,26 +240,9 @@ def test_backfill_runs_exactly_the_firings_not_yet_succeeded(
     start, end = backfill_range()
     jobs = {"report": {"every": "10s", "command": span_command(out, 0)}}
     with fleet(tmp_path, backend_url, jobs) as group:
-        first = cli(
-            "backfill",
-            group.config,
-            "report",
-            "--from",
-            iso_z(start),
-            "--to",
-            iso_z(start + timedelta(seconds=20)),
-        )
-        dry = cli(
-            "backfill",
-            group.config,
-            "report",
-            "--from",
-            iso_z(start),
-            "--to",
-            iso_z(end),
-            "--dry-run",
-        )
-        full = cli("backfill", group.config, "report", "--from", iso_z(start), "--to", iso_z(end))
+        first = cli(*backfill(group.config, start, start + timedelta(seconds=20)))
+        dry = cli(*backfill(group.config, start, end, "--dry-run"))
+        full = cli(*backfill(group.config, start, end))
         rows = group.history("report")
 
     assert first.returncode == 0, first.stderr
@@ -274,7 +262,7 @@ def test_an_interrupted_backfill_finishes_the_rest_when_run_again(
     start, end = backfill_range()
     jobs = {"report": {"every": "10s", "command": span_command(out, 1)}}
     with fleet(tmp_path, backend_url, jobs, kill_grace="200ms") as group:
-        args = ["backfill", group.config, "report", "--from", iso_z(start), "--to", iso_z(end)]
+        args = backfill(group.config, start, end)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         interrupted = subprocess.Popen(
             [sys.executable, "-m", "singleton", *map(str, args)],
@@ -308,24 +296,8 @@ def test_backfill_refuses_a_range_older_than_the_retention_and_the_future(
     with fleet(
         tmp_path, backend_url, jobs, backend={"url": backend_url, "ledger_retention": "1h"}
     ) as group:
-        old = cli(
-            "backfill",
-            group.config,
-            "report",
-            "--from",
-            iso_z(now - timedelta(hours=2)),
-            "--to",
-            iso_z(now - timedelta(hours=1, minutes=59)),
-        )
-        future = cli(
-            "backfill",
-            group.config,
-            "report",
-            "--from",
-            iso_z(now),
-            "--to",
-            iso_z(now + timedelta(hours=1)),
-        )
+        old = cli(*backfill(group.config, now - timedelta(hours=2), now - timedelta(hours=1.98)))
+        future = cli(*backfill(group.config, now, now + timedelta(hours=1)))
         assert group.history("report") == []
 
     assert old.returncode == 78 and "older than backend.ledger_retention" in old.stderr

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,10 +19,10 @@ from singleton.backends.memory import MemoryBackend
 from singleton.context import JobContext
 from singleton.errors import ConfigError
 from singleton.jobs import Job, resolve
-from singleton.runner import MAX_BUFFERED
+from singleton.runner import MAX_BUFFERED, Runner
 from singleton.schedule import run_id
 from singleton.targets import CommandTarget
-from tests.firing_support import fire_time, make_job, states, until_set, wait_for
+from tests.firing_support import Recorder, fire_time, make_job, states, until_set, wait_for
 from tests.test_runner import make_runner
 
 
@@ -49,101 +53,102 @@ def three_firings() -> list[datetime]:
     return [fire_time(seconds_ago=3.0), fire_time(seconds_ago=2.0), fire_time(seconds_ago=1.0)]
 
 
-def test_skip_records_each_firing_that_comes_while_one_runs(tmp_path: Path) -> None:
-    backend = MemoryBackend()
+@dataclass
+class Busy:
+    """A runner whose job ``report`` runs a firing, held inside ``gate`` until ``opened``."""
+
+    gate: Gate
+    job: Job
+    runner: Runner
+    events: Recorder
+    opened: threading.Event
+
+
+@contextmanager
+def running_one(
+    tmp_path: Path, backend: MemoryBackend, first: datetime, overlap: str, **options: Any
+) -> Iterator[Busy]:
+    """Dispatch ``first`` and wait until it runs; the gate opens on the way out anyway."""
     with until_set(threading.Event()) as opened:
         gate = Gate(opened)
-        job = make_job("report", gate, overlap="skip")
+        job = make_job("report", gate, overlap=overlap, **options)
         runner, events = make_runner(tmp_path, backend, [job])
-        first, second, third = three_firings()
         runner.dispatch(job, first)
         events.wait_for("started")
-        runner.dispatch(job, second)
-        runner.dispatch(job, third)
-        wait_for("two overlaps", lambda: len(events.of("skipped")) == 2)
-        opened.set()
+        yield Busy(gate, job, runner, events, opened)
+
+
+def test_skip_records_each_firing_that_comes_while_one_runs(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    first, second, third = three_firings()
+    with running_one(tmp_path, backend, first, "skip") as busy:
+        busy.runner.dispatch(busy.job, second)
+        busy.runner.dispatch(busy.job, third)
+        wait_for("two overlaps", lambda: len(busy.events.of("skipped")) == 2)
+        busy.opened.set()
         wait_for("the first to end", lambda: states(backend, "report", first) == [(1, "succeeded")])
 
     for when in (second, third):
         [row] = backend.attempts(run_id("report", when))
         assert (row.state, row.reason) == ("skipped", "overlap")
-    assert gate.ran == [run_id("report", first)]
+    assert busy.gate.ran == [run_id("report", first)]
 
 
 def test_buffer_one_runs_the_first_waiting_firing_after_and_skips_the_rest(
     tmp_path: Path,
 ) -> None:
     backend = MemoryBackend()
-    with until_set(threading.Event()) as opened:
-        gate = Gate(opened)
-        job = make_job("report", gate, overlap="buffer_one", misfire_grace=4.0)
-        runner, events = make_runner(tmp_path, backend, [job])
-        first, second, third = three_firings()
-        runner.dispatch(job, first)
-        events.wait_for("started")
-        runner.dispatch(job, second)
-        runner.dispatch(job, third)
-        events.wait_for("skipped", reason="overlap")
+    first, second, third = three_firings()
+    with running_one(tmp_path, backend, first, "buffer_one", misfire_grace=4.0) as busy:
+        busy.runner.dispatch(busy.job, second)
+        busy.runner.dispatch(busy.job, third)
+        busy.events.wait_for("skipped", reason="overlap")
         time.sleep(2.5)  # past misfire_grace: a buffered firing runs late on purpose
-        opened.set()
+        busy.opened.set()
         wait_for(
             "the buffered one", lambda: states(backend, "report", second) == [(1, "succeeded")]
         )
 
-    assert gate.ran == [run_id("report", first), run_id("report", second)]
+    assert busy.gate.ran == [run_id("report", first), run_id("report", second)]
     [row] = backend.attempts(run_id("report", third))
     assert (row.state, row.reason) == ("skipped", "overlap")
 
 
 def test_buffer_all_runs_every_waiting_firing_in_order(tmp_path: Path) -> None:
     backend = MemoryBackend()
-    with until_set(threading.Event()) as opened:
-        gate = Gate(opened)
-        job = make_job("report", gate, overlap="buffer_all")
-        runner, events = make_runner(tmp_path, backend, [job])
-        firings = three_firings()
-        runner.dispatch(job, firings[0])
-        events.wait_for("started")
-        runner.dispatch(job, firings[1])
-        runner.dispatch(job, firings[2])
-        opened.set()
+    firings = three_firings()
+    with running_one(tmp_path, backend, firings[0], "buffer_all") as busy:
+        busy.runner.dispatch(busy.job, firings[1])
+        busy.runner.dispatch(busy.job, firings[2])
+        busy.opened.set()
         wait_for("all three", lambda: len(backend.history("report", 0)) == 3)
 
-    assert gate.ran == [run_id("report", when) for when in firings]
-    assert gate.most_at_once == 1
+    assert busy.gate.ran == [run_id("report", when) for when in firings]
+    assert busy.gate.most_at_once == 1
     assert {row.state for row in backend.history("report", 0)} == {"succeeded"}
 
 
 def test_buffer_all_keeps_at_most_its_bound_waiting(tmp_path: Path) -> None:
     backend = MemoryBackend()
-    with until_set(threading.Event()) as opened:
-        job = make_job("report", Gate(opened), overlap="buffer_all")
-        runner, events = make_runner(tmp_path, backend, [job])
-        runner.dispatch(job, fire_time())
-        events.wait_for("started")
+    with running_one(tmp_path, backend, fire_time(), "buffer_all") as busy:
         for seconds_ago in range(MAX_BUFFERED + 1, 0, -1):
-            runner.dispatch(job, fire_time(seconds_ago=seconds_ago))
-        overlap = events.wait_for("skipped", reason="overlap")
-        assert len(events.of("buffered")) == MAX_BUFFERED
+            busy.runner.dispatch(busy.job, fire_time(seconds_ago=seconds_ago))
+        overlap = busy.events.wait_for("skipped", reason="overlap")
+        assert len(busy.events.of("buffered")) == MAX_BUFFERED
         assert overlap.run_id == run_id("report", fire_time(seconds_ago=1))
-        runner.stop()  # the buffered firings are dropped, not run, at shutdown
+        busy.runner.stop()  # the buffered firings are dropped, not run, at shutdown
 
 
 def cancel_one_for_the_next(tmp_path: Path, backend: MemoryBackend) -> tuple[Job, datetime]:
     """Under ``cancel_other``: a firing runs, the next one comes and replaces it, and runs
     to success. Returns the job and the cancelled firing."""
-    with until_set(threading.Event()) as opened:
-        gate = Gate(opened)
-        job = make_job("report", gate, overlap="cancel_other")
-        runner, events = make_runner(tmp_path, backend, [job])
-        first, second, _ = three_firings()
-        runner.dispatch(job, first)
-        events.wait_for("started")
-        runner.dispatch(job, second)
-        wait_for("the new firing", lambda: len(gate.ran) == 2)
-        opened.set()
+    first, second, _ = three_firings()
+    with running_one(tmp_path, backend, first, "cancel_other") as busy:
+        busy.runner.dispatch(busy.job, second)
+        wait_for("the new firing", lambda: len(busy.gate.ran) == 2)
+        busy.opened.set()
         wait_for("it succeeded", lambda: states(backend, "report", second) == [(1, "succeeded")])
-    return job, first
+    return busy.job, first
 
 
 def test_cancel_other_stops_the_running_firing_and_runs_the_new_one(tmp_path: Path) -> None:

@@ -210,22 +210,32 @@ def test_a_firing_due_while_the_previous_one_runs_here_is_recorded_as_overlap(
     assert wait_for("success", lambda: states(backend, "compact", first) == [(1, "succeeded")])
 
 
-def test_a_firing_due_while_this_replica_stands_by_runs_after_the_standby(
-    tmp_path: Path, open_sqlite: SqliteFactory
-) -> None:
+def standing_by(
+    tmp_path: Path, open_sqlite: SqliteFactory, first: datetime
+) -> tuple[Runner, Recorder, Job, list[str], Callable[[], None]]:
+    """A runner standing by for the firing ``first`` of ``compact`` while an owner elsewhere
+    holds the lock; with what the job ran, and a call that frees the lock (the owner
+    elsewhere is done, or gone)."""
     backend, elsewhere = open_sqlite(), open_sqlite()
     held = elsewhere.try_acquire("compact", 30.0, "owner-elsewhere:1")
     assert held is not None
     ran: list[str] = []
     job = make_job("compact", lambda ctx: ran.append(ctx.run_id))
     runner, events = make_runner(tmp_path, backend, [job])
-    first, second = fire_time(seconds_ago=1.0), fire_time()
-
     runner.dispatch(job, first)
     events.wait_for("standby")
+    return runner, events, job, ran, lambda: elsewhere.release(held)
+
+
+def test_a_firing_due_while_this_replica_stands_by_runs_after_the_standby(
+    tmp_path: Path, open_sqlite: SqliteFactory
+) -> None:
+    first, second = fire_time(seconds_ago=1.0), fire_time()
+    runner, events, job, ran, free = standing_by(tmp_path, open_sqlite, first)
+
     runner.dispatch(job, second)
     queued = events.wait_for("buffered")
-    elsewhere.release(held)  # the owner elsewhere is done (or gone): its lock frees
+    free()
     wait_for("both firings", lambda: len(ran) == 2)
 
     assert queued.run_id == run_id("compact", second)
@@ -264,22 +274,16 @@ def test_a_firing_due_while_this_replica_only_checks_a_done_one_is_not_skipped(
 def test_a_standby_keeps_only_the_newest_waiting_firing_and_records_the_one_it_replaces(
     tmp_path: Path, open_sqlite: SqliteFactory
 ) -> None:
-    backend, elsewhere = open_sqlite(), open_sqlite()
-    held = elsewhere.try_acquire("compact", 30.0, "owner-elsewhere:1")
-    assert held is not None
-    ran: list[str] = []
-    job = make_job("compact", lambda ctx: ran.append(ctx.run_id))
-    runner, events = make_runner(tmp_path, backend, [job])
     first, second, third = fire_time(2.0), fire_time(1.0), fire_time()
+    runner, _, job, ran, free = standing_by(tmp_path, open_sqlite, first)
 
-    runner.dispatch(job, first)
-    events.wait_for("standby")
     runner.dispatch(job, second)
     runner.dispatch(job, third)
-    wait_for("the replaced one recorded", lambda: backend.attempts(run_id("compact", second)))
-    elsewhere.release(held)
+    replaced_id = run_id("compact", second)
+    wait_for("the replaced one recorded", lambda: runner.backend.attempts(replaced_id))
+    free()
     wait_for("the first and the newest", lambda: len(ran) == 2)
 
     assert ran == [run_id("compact", first), run_id("compact", third)]
-    [replaced] = backend.attempts(run_id("compact", second))
+    [replaced] = runner.backend.attempts(replaced_id)
     assert (replaced.state, replaced.reason) == ("skipped", "overlap")

@@ -77,6 +77,15 @@ class BackendContract:
     def wait_out(self, lease: Lease) -> None:
         time.sleep(lease.ttl + 0.1)
 
+    def orphaned(self, backend: Backend, other: Backend, name: str) -> tuple[Run, Lease, Lease]:
+        """A firing claimed through ``backend`` whose lease then ran out (a pause, a
+        partition) while ``other`` took the lock: the run, the stale lease, the live one."""
+        run = make_run(name)
+        stale = self.acquire(backend, name, self.short_ttl)
+        backend.claim(run, stale)
+        self.wait_out(stale)
+        return run, stale, self.acquire(other, name)
+
     # -- the lock ---------------------------------------------------------------------------
 
     def test_second_acquire_is_refused(self, backend: Backend, other: Backend, name: str) -> None:
@@ -273,11 +282,7 @@ class BackendContract:
     def test_takeover_abandons_the_running_attempt(
         self, backend: Backend, other: Backend, name: str
     ) -> None:
-        run = make_run(name)
-        first = self.acquire(backend, name, self.short_ttl)
-        backend.claim(run, first)
-        self.wait_out(first)
-        second = self.acquire(other, name)
+        run, first, second = self.orphaned(backend, other, name)
         found = other.claim(run, second)
         assert found.attempt is None and found.latest is not None
         assert (found.latest.state, found.latest.token) == (RUNNING, first.token)
@@ -289,11 +294,7 @@ class BackendContract:
     def test_claim_without_start_only_abandons(
         self, backend: Backend, other: Backend, name: str
     ) -> None:
-        run = make_run(name)
-        first = self.acquire(backend, name, self.short_ttl)
-        backend.claim(run, first)
-        self.wait_out(first)
-        second = self.acquire(other, name)
+        run, _, second = self.orphaned(backend, other, name)
         claim = other.claim(run, second, seen=1, start=False)
         assert claim.attempt is None
         assert [a.state for a in other.attempts(run.run_id)] == [ABANDONED]
@@ -318,11 +319,7 @@ class BackendContract:
     def test_finish_with_a_stale_token_is_refused(
         self, backend: Backend, other: Backend, name: str
     ) -> None:
-        run = make_run(name)
-        stale = self.acquire(backend, name, self.short_ttl)
-        backend.claim(run, stale)
-        self.wait_out(stale)
-        live = self.acquire(other, name)
+        run, stale, live = self.orphaned(backend, other, name)
         other.claim(run, live, seen=1)
         assert not backend.finish(run, stale, 1, Outcome(SUCCEEDED))
         assert [a.state for a in other.attempts(run.run_id)] == [RUNNING, ABANDONED]
@@ -334,11 +331,7 @@ class BackendContract:
         # and decides to take over; the old owner's finish lands first (it is fenced by the
         # attempt row, which is still running under its token). The takeover's claim, with
         # the attempt number it saw, must find the firing done and write nothing.
-        run = make_run(name)
-        stale = self.acquire(backend, name, self.short_ttl)
-        backend.claim(run, stale)
-        self.wait_out(stale)
-        live = self.acquire(other, name)
+        run, stale, live = self.orphaned(backend, other, name)
         assert backend.finish(run, stale, 1, Outcome(SUCCEEDED))
         claim = other.claim(run, live, seen=1, start=True)
         assert claim.attempt is None
