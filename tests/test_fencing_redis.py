@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from singleton.backends.base import new_owner
+from singleton.backends.redis import RedisBackend
 from singleton.errors import AlreadyApplied, StaleToken
 from singleton.fencing.redis import RedisFence, fence
 from tests.servers.redis import RedisServer, redis_server
@@ -169,3 +171,25 @@ def test_racing_processes_never_apply_a_lower_token_after_a_higher_one(
     assert log, "no write was applied"
     assert log == sorted(log), "a stale write was applied after a newer one"
     assert log[-1] == RedisFence(client).highest("r")
+
+
+def test_a_server_clock_jump_lets_a_second_owner_in_and_the_fence_refuses_the_first(
+    server: RedisServer, client: redis.Redis
+) -> None:
+    """A jump of the Redis server's clock expires the lock early (TESTING.md T3): a second
+    owner gets it while the first still believes it holds. The token counter does not
+    expire, so the second token is higher, and the first owner's late write is refused."""
+    backend = RedisBackend(server.url)
+    try:
+        first = backend.try_acquire("orders", 30.0, new_owner("first"))
+        assert first is not None
+        server.jump_clock(60)
+        second = backend.try_acquire("orders", 30.0, new_owner("second"))
+        assert second is not None and second.token > first.token
+        guard = RedisFence(client)
+        guard.apply("orders", second.token, None, ("SET", "{orders}:total", "second"))
+        with pytest.raises(StaleToken):
+            guard.apply("orders", first.token, None, ("SET", "{orders}:total", "first"))
+        assert client.get("{orders}:total") == "second"
+    finally:
+        backend.close()

@@ -310,6 +310,32 @@ def test_a_keeper_loses_the_lease_by_its_deadline_when_a_majority_pauses(
         keeper.stop()
 
 
+def test_a_clock_jump_on_one_node_lets_a_second_owner_in_while_the_first_holds(
+    fresh: list[RedisServer], name: str
+) -> None:
+    """Predicted, not prevented: Redlock rests on the nodes' clocks (TESTING.md T3). A holds
+    a majority {0, 1} (node 2 was down); node 1's clock jumps past the lease, so B finds the
+    lock free on {1, 2}, a majority, while A's lease has most of its validity left. This is
+    why Redlock declares no fencing and refuses ``ownership``."""
+    url = redlock_url(fresh)
+    first_owner, second_owner = RedlockBackend(url, timeout=FAST), RedlockBackend(url, timeout=FAST)
+    try:
+        fresh[2].stop()
+        first = acquire(first_owner, name, ttl=30.0)
+        fresh[2].start()
+        fresh[1].jump_clock(60)
+        second = second_owner.try_acquire(name, 30.0, new_owner("second"))
+
+        assert second is not None, "the predicted second majority"
+        assert time.monotonic() < first.deadline - 20, "while the first lease is valid"
+        assert locks(fresh, name) == [first.owner, second.owner, second.owner]
+        with pytest.raises(LeaseLost):
+            first_owner.renew(first)  # A finds out only at its next renewal
+    finally:
+        first_owner.close()
+        second_owner.close()
+
+
 # -- tokens ------------------------------------------------------------------------------------
 
 

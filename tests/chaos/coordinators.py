@@ -46,6 +46,8 @@ class Coordinator:
     #: SIGSTOP a server process (for a cluster: one member); returns how to resume it and
     #: what was paused.
     pause: Callable[[random.Random], tuple[Callable[[], None], str]] | None = None
+    #: Jump a server's clock this many seconds forward (one Redlock node); what jumped.
+    jump: Callable[[random.Random, float], str] | None = None
     heal: Callable[[], None] = lambda: None
     backend_options: dict[str, str] = field(default_factory=dict)
     #: Why this backend may break an invariant under the campaign's faults (None: it may not).
@@ -104,6 +106,7 @@ def _redis(workdir: Path, aof: bool) -> Iterator[Coordinator]:
             lambda hosts: f"redis://{hosts[0]}/0",
             restart=restart,
             pause=_pauser(server.pause, server.resume, "redis-server SIGSTOP"),
+            jump=lambda _rng, seconds: _jump(server, seconds, "redis-server"),
             heal=heal,
             predicted=None
             if aof
@@ -112,6 +115,13 @@ def _redis(workdir: Path, aof: bool) -> Iterator[Coordinator]:
         )
     finally:
         server.stop()
+
+
+def _jump(server: RedisServer, seconds: float, what: str) -> str:
+    if server.process is None:
+        return f"{what} down: no clock to jump"
+    shortened = server.jump_clock(seconds)
+    return f"{what} clock +{seconds:.1f}s ({shortened} keys expire early)"
 
 
 def _redlock(workdir: Path) -> Iterator[Coordinator]:
@@ -137,6 +147,10 @@ def _redlock(workdir: Path) -> Iterator[Coordinator]:
             servers[node].pause()
             return servers[node].resume, f"node{node} SIGSTOP"
 
+        def jump(rng: random.Random, seconds: float) -> str:
+            node = rng.randrange(len(servers))
+            return _jump(servers[node], seconds, f"node{node}")
+
         yield Coordinator(
             "redlock",
             False,
@@ -144,9 +158,11 @@ def _redlock(workdir: Path) -> Iterator[Coordinator]:
             lambda hosts: f"redlock://{','.join(hosts)}/0",
             restart_member=restart_member,
             pause=pause,
+            jump=jump,
             heal=heal,
             predicted="no fencing token (per-node counters disagree across majorities); a node"
-            " restarted without persistence forgets its vote, so two owners can hold a majority",
+            " restarted without persistence forgets its vote, and one whose clock jumps expires"
+            " it early, so two owners can hold a majority",
             server_pids=lambda: pids,
         )
 

@@ -34,6 +34,8 @@ FAULTS = {
     "cut": "the owner's connections reset (RST) for 1-3 x TTL (F4)",
     "blackhole": "the owner's connections black-holed for 1-3 x TTL (F4)",
     "skew": "one replica restarted under faketime +3s for 2-4 x TTL (F6)",
+    "clock_jump": "a Redis server's (one Redlock node's) clock 1-3 x TTL forward: its keys"
+    " expire that much early (F6, T3)",
 }
 SKEW = "+3s"
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
@@ -69,6 +71,8 @@ def applicable(coordinator: Coordinator) -> list[str]:
         kinds.append("restart_member")
     if coordinator.pause is not None:
         kinds.append("pause_coordinator")
+    if coordinator.jump is not None:
+        kinds.append("clock_jump")
     if coordinator.nodes:
         kinds += ["cut", "blackhole"]
     return kinds
@@ -205,6 +209,10 @@ class Nemesis:
         finally:
             resume()
         return "coordinator", f"{what} for {held:.1f}s"
+
+    def _clock_jump(self) -> tuple[str, str]:
+        assert self.coordinator.jump is not None
+        return "coordinator", self.coordinator.jump(self.rng, self.rng.uniform(1, 3) * self.ttl)
 
     def _connection(self, mode: Mode) -> tuple[str, str]:
         owner = self._owner()
