@@ -33,6 +33,8 @@ FAULTS = {
     "pause_coordinator": "SIGSTOP of the coordinator (one member of a cluster) for 1-3 x TTL (F14)",
     "cut": "the owner's connections reset (RST) for 1-3 x TTL (F4)",
     "blackhole": "the owner's connections black-holed for 1-3 x TTL (F4)",
+    "slow": "the owner's connections delayed TTL/4, TTL/2 or 1.5 x TTL per chunk, each way,"
+    " for 1-3 x TTL (F5)",
     "skew": "one replica restarted under faketime +3s for 2-4 x TTL (F6)",
     "clock_jump": "a Redis server's (one Redlock node's) clock 1-3 x TTL forward: its keys"
     " expire that much early (F6, T3)",
@@ -74,7 +76,7 @@ def applicable(coordinator: Coordinator) -> list[str]:
     if coordinator.jump is not None:
         kinds.append("clock_jump")
     if coordinator.nodes:
-        kinds += ["cut", "blackhole"]
+        kinds += ["cut", "blackhole", "slow"]
     return kinds
 
 
@@ -214,21 +216,25 @@ class Nemesis:
         assert self.coordinator.jump is not None
         return "coordinator", self.coordinator.jump(self.rng, self.rng.uniform(1, 3) * self.ttl)
 
-    def _connection(self, mode: Mode) -> tuple[str, str]:
+    def _connection(self, mode: Mode, delay: float = 0.0) -> tuple[str, str]:
         owner = self._owner()
         proxies = self.proxies[owner.name]
-        proxies.set_mode(mode)
+        proxies.set_mode(mode, delay)
         try:
             held = self._hold(1, 3)
         finally:
             proxies.set_mode("pass")
-        return owner.name, f"{mode} for {held:.1f}s"
+        slowed = f" by {delay:.2f}s a chunk" if delay else ""
+        return owner.name, f"{mode}{slowed} for {held:.1f}s"
 
     def _cut(self) -> tuple[str, str]:
         return self._connection("reset")
 
     def _blackhole(self) -> tuple[str, str]:
         return self._connection("blackhole")
+
+    def _slow(self) -> tuple[str, str]:
+        return self._connection("slow", self.ttl * self.rng.choice((0.25, 0.5, 1.5)))
 
     def _skew(self) -> tuple[str, str]:
         replica = self.rng.choice(sorted(self._alive(), key=lambda r: r.name))

@@ -7,8 +7,9 @@ a few dozen sockets need no event loop.
 
 Modes: ``pass`` forwards; ``blackhole`` keeps every socket open and drops what arrives (a
 partition the kernel does not report); ``reset`` ends every connection with an RST and
-refuses new ones the same way. Leaving ``blackhole`` resets the connections it held, since
-bytes were lost from their streams.
+refuses new ones the same way; ``slow`` forwards each chunk ``delay`` seconds late, each
+way (a congested or distant link: a round trip costs twice the delay). Leaving
+``blackhole`` resets the connections it held, since bytes were lost from their streams.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-Mode = Literal["pass", "blackhole", "reset"]
+Mode = Literal["pass", "blackhole", "reset", "slow"]
 #: How long a pump blocks before it looks at its link's flags again.
 POLL = 0.2
 
@@ -78,6 +79,7 @@ class Proxy:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.mode: Mode = "pass"
+        self.delay = 0.0
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -96,9 +98,10 @@ class Proxy:
         thread.start()
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
 
-    def set_mode(self, mode: Mode) -> None:
+    def set_mode(self, mode: Mode, delay: float = 0.0) -> None:
         with self._lock:
             self.mode = mode
+            self.delay = delay
             for link in self._links:
                 if mode == "reset" or (mode == "pass" and link.blackholed):
                     link.end(rst=True)
@@ -125,7 +128,7 @@ class Proxy:
             _reset(client)
             return
         upstream = None
-        if mode == "pass":
+        if mode in ("pass", "slow"):
             try:
                 upstream = socket.create_connection(self.upstream, timeout=2)
             except OSError:
@@ -153,6 +156,8 @@ class Proxy:
                     break
                 if link.blackholed or sink is None:
                     continue
+                if self.mode == "slow" and self._closed.wait(self.delay):
+                    break
                 if not self._send(link, sink, data):
                     break
         finally:
@@ -193,9 +198,9 @@ class ProxySet:
     def addresses(self) -> list[str]:
         return [proxy.address for proxy in self.proxies]
 
-    def set_mode(self, mode: Mode) -> None:
+    def set_mode(self, mode: Mode, delay: float = 0.0) -> None:
         for proxy in self.proxies:
-            proxy.set_mode(mode)
+            proxy.set_mode(mode, delay)
 
     def close(self) -> None:
         for proxy in self.proxies:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -103,3 +104,17 @@ def test_leaving_blackhole_resets_the_connections_it_held(proxy: Proxy) -> None:
         with pytest.raises(ConnectionResetError):
             while client.recv(4096):
                 pass
+
+
+def test_slow_delays_each_chunk_each_way(proxy: Proxy) -> None:
+    with linked(proxy) as client:
+        proxy.set_mode("slow", delay=0.3)
+        started = time.monotonic()
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        assert time.monotonic() - started >= 0.6, "a round trip costs the delay twice"
+        proxy.set_mode("pass")
+        started = time.monotonic()
+        client.sendall(b"pong")
+        assert client.recv(4) == b"pong"
+        assert time.monotonic() - started < 0.3, "and nothing once it is over"
