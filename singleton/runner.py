@@ -79,7 +79,11 @@ class Runner:
         self.stopping = threading.Event()
         self.pauses = PauseWatch(backend, clock)
         self.firer = Firer(backend, self.replica, clock, self.events, self.stopping, self.pauses)
-        self.scheduler = Scheduler(list(app.jobs.values()), clock, self.dispatch)
+        #: Seconds this host's clock runs ahead of the coordinator's, as last measured.
+        self._ahead = 0.0
+        self.scheduler = Scheduler(
+            list(app.jobs.values()), clock, self.dispatch, ahead=lambda: self._ahead
+        )
         #: Per job, the threads working on its firings here (more than one: ``allow``).
         self._in_flight: dict[str, list[threading.Thread]] = {}
         #: Per job, firings waiting for the one in flight here, each with whether it may
@@ -292,10 +296,10 @@ class Runner:
         ever stop the scheduler."""
         next_prune = self.clock.monotonic()
         while not self.stopping.is_set():
+            self._check_skew()  # first: the scheduler waits out a clock found ahead
             if self.clock.monotonic() >= next_prune:
                 self._prune()
                 next_prune = self.clock.monotonic() + PRUNE_EVERY
-            self._check_skew()
             self._check_fleet()
             self.clock.wait(self.stopping, SKEW_EVERY)
         self._leave_fleet()
@@ -340,6 +344,7 @@ class Runner:
             return
         if skew is None:
             return
+        self._ahead = max(0.0, -skew)
         self.events.emit("clock", "-", skew=round(skew, 3))
         if abs(skew) > self.app.settings.max_skew:
             self.events.emit(
@@ -370,11 +375,11 @@ class Runner:
         self._scheduler_thread = scheduler = threading.Thread(
             target=self.scheduler.run, args=(self.stopping, since), name="scheduler", daemon=True
         )
+        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         self._start_catch_ups(since)
         scheduler.start()
         threading.Thread(target=self._watch_pauses, name="pauses", daemon=True).start()
         self._scheduling.set()
-        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         if self.endpoint is not None:
             self.endpoint.start()
         try:

@@ -8,6 +8,7 @@ ledger's state rather than from sleeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,18 @@ from singleton.clock import iso_z
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """The environment of a replica whose wall clock is ``offset`` (``"+3s"``) off; its
+    monotonic clock stays true."""
+    assert FAKETIME.exists(), "faketime is missing: run scripts/install-servers"
+    return {
+        "LD_PRELOAD": str(FAKETIME),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
 T = TypeVar("T")
 
 
@@ -154,6 +167,19 @@ class Fleet:
                 replica.process.kill()
                 replica.process.wait()
         self.ledger.close()
+
+
+def events(log: Path, kind: str) -> list[dict[str, object]]:
+    """The JSON log lines of ``kind`` in a replica's log."""
+    found = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == kind:
+            found.append(record)
+    return found
 
 
 @contextmanager

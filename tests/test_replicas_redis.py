@@ -8,7 +8,6 @@ fencing guard into a sink that logs every write, applied or refused.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from singleton.backends.redis import KeySpace
-from tests.replicas import fleet, sink_command, wait_for
+from tests.replicas import events, fleet, sink_command, skewed, wait_for
 from tests.servers.redis import RedisServer
 from tests.test_replicas import (
     applied_by_run,
@@ -52,18 +51,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def backend_url(redis: RedisServer) -> str:
     return redis.url
-
-
-def events(log: Path, kind: str) -> list[dict[str, object]]:
-    found = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == kind:
-            found.append(record)
-    return found
 
 
 def test_a_restart_without_persistence_never_runs_a_job_on_a_lower_token(
@@ -142,3 +129,26 @@ def test_a_server_paused_past_the_ttl_stops_the_owners_job(tmp_path: Path) -> No
     assert not [r for r in sink_writes(sink) if r["token"] == first.token]
     assert all(len(tokens) == 1 for tokens in applied_by_run(sink).values())
     assert rows[-1].token == first.token and rows[-1].state != "succeeded"
+
+
+def test_a_replica_whose_clock_runs_ahead_starts_no_firing_before_its_instant(
+    tmp_path: Path, backend_url: str
+) -> None:
+    """TESTING.md I9 (chaos finding 2): a host clock 3 s fast would start each firing 3 s
+    early. Measured against Redis ``TIME``, the replica waits the difference out. The test's
+    own clock is the true one: it notes when each firing first shows in the ledger."""
+    job = {"every": "1s", "command": ["true"], "lock_ttl": "5s"}
+    first_seen: dict[str, tuple[float, float]] = {}
+
+    def five_seen() -> bool | None:
+        now = time.time()
+        for attempt in group.history("tick"):
+            first_seen.setdefault(attempt.run_id, (now, attempt.scheduled_at.timestamp()))
+        return len(first_seen) >= 5 or None
+
+    with fleet(tmp_path, backend_url, {"tick": job}) as group:
+        group.start("fast", skewed("+3s"))
+        wait_for("five firings", five_seen, timeout=30, every=0.02)
+
+    leads = [instant - seen for seen, instant in first_seen.values()]
+    assert max(leads) < 0.5, f"firings showed up before their instants by {max(leads):.2f}s"

@@ -98,6 +98,17 @@ def test_it_hands_on_the_schedules_instant_not_the_time_it_woke() -> None:
     assert all(now >= when for _, when, now in dispatched.calls)
 
 
+def test_a_host_clock_ahead_of_the_coordinators_waits_the_difference_out() -> None:
+    clock = FakeClock()
+    stop = threading.Event()
+    dispatched = Dispatched(clock, stop, until=3)
+
+    Scheduler([every("ten", 10)], clock, dispatched, ahead=lambda: 2.5).run(stop)
+
+    assert dispatched.instants[0] == datetime(2026, 12, 1, 12, 0, 10, tzinfo=UTC)
+    assert all(now >= when + timedelta(seconds=2.5) for _, when, now in dispatched.calls)
+
+
 def test_several_jobs_are_dispatched_in_time_order() -> None:
     clock = FakeClock()
     stop = threading.Event()
