@@ -133,10 +133,6 @@ class Firer:
 
     # -- what the runner asks -----------------------------------------------------------------
 
-    def owns(self, job: str) -> bool:
-        with self._owned_lock:
-            return any(item.run.job == job for item in self._owned.values())
-
     def running(self, job: str) -> bool:
         """Whether an attempt of ``job`` runs here now (not merely a standby, or a check
         that the firing is done)."""

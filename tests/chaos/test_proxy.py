@@ -54,18 +54,22 @@ def connect(proxy: Proxy) -> socket.socket:
     return socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
 
 
+def round_trip(client: socket.socket, data: bytes) -> None:
+    """Send ``data`` and get it back through the proxy and the echo server."""
+    client.sendall(data)
+    assert client.recv(len(data)) == data
+
+
 def linked(proxy: Proxy) -> socket.socket:
     """A connection the proxy has accepted and forwarded (one round trip made)."""
     client = connect(proxy)
-    client.sendall(b"ping")
-    assert client.recv(4) == b"ping"
+    round_trip(client, b"ping")
     return client
 
 
 def test_pass_forwards_both_ways(proxy: Proxy) -> None:
     with connect(proxy) as client:
-        client.sendall(b"ping")
-        assert client.recv(4) == b"ping"
+        round_trip(client, b"ping")
 
 
 def test_reset_ends_open_connections_with_an_rst(proxy: Proxy) -> None:
@@ -83,8 +87,7 @@ def test_reset_refuses_new_connections_until_pass(proxy: Proxy) -> None:
             pass
     proxy.set_mode("pass")
     with connect(proxy) as client:
-        client.sendall(b"back")
-        assert client.recv(4) == b"back"
+        round_trip(client, b"back")
 
 
 def test_blackhole_keeps_the_connection_open_and_drops_the_bytes(proxy: Proxy) -> None:
@@ -110,11 +113,9 @@ def test_slow_delays_each_chunk_each_way(proxy: Proxy) -> None:
     with linked(proxy) as client:
         proxy.set_mode("slow", delay=0.3)
         started = time.monotonic()
-        client.sendall(b"ping")
-        assert client.recv(4) == b"ping"
+        round_trip(client, b"ping")
         assert time.monotonic() - started >= 0.6, "a round trip costs the delay twice"
         proxy.set_mode("pass")
         started = time.monotonic()
-        client.sendall(b"pong")
-        assert client.recv(4) == b"pong"
+        round_trip(client, b"pong")
         assert time.monotonic() - started < 0.3, "and nothing once it is over"
