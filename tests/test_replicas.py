@@ -203,6 +203,9 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, backend_url: str) -> None
         replica = group.start("r1")
         wait_for("a running attempt", lambda: group.running("long"), timeout=40)
         replica.process.send_signal(signal.SIGTERM)
+        # Two signals sent before the runner handles the first would arrive as one (the kernel
+        # and CPython both coalesce a pending signal), so send the second once it has.
+        wait_for("the first signal", lambda: "shutting down" in replica.log.read_text(), 15)
         time.sleep(0.5)
         assert replica.process.poll() is None, "the first signal waits for the running job"
         replica.process.send_signal(signal.SIGTERM)
