@@ -135,8 +135,9 @@ def test_a_replica_whose_clock_runs_ahead_starts_no_firing_before_its_instant(
     tmp_path: Path, backend_url: str
 ) -> None:
     """TESTING.md I9 (chaos finding 2): a host clock 3 s fast would start each firing 3 s
-    early. Measured against Redis ``TIME``, the replica waits the difference out. The test's
-    own clock is the true one: it notes when each firing first shows in the ledger."""
+    early. Measured against the coordinator's clock (here Redis ``TIME``), the replica waits
+    the difference out. The test's own clock is the true one: it notes when each firing
+    first shows in the ledger."""
     job = {"every": "1s", "command": ["true"], "lock_ttl": "5s"}
     first_seen: dict[str, tuple[float, float]] = {}
 

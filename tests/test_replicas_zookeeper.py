@@ -20,6 +20,9 @@ from tests.test_replicas import (  # noqa: F401 (collected here, on this module'
     test_sigstopped_owner_resumes_to_a_refused_write,
     test_sigterm_of_the_owner_hands_over_well_under_the_ttl,
 )
+from tests.test_replicas_redis import (  # noqa: F401 (needs a coordinator with a clock)
+    test_a_replica_whose_clock_runs_ahead_starts_no_firing_before_its_instant,
+)
 
 if TYPE_CHECKING:
     from tests.servers.zookeeper import ZookeeperServer

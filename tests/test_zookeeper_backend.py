@@ -31,7 +31,7 @@ from singleton.errors import BackendUnavailable, ConfigError, LeaseLost
 from singleton.lease import LeaseKeeper
 from singleton.testing.contract import make_run
 from tests.chaos.proxy import Proxy
-from tests.replicas import wait_for
+from tests.replicas import FAKETIME, wait_for
 from tests.servers import free_port
 
 if TYPE_CHECKING:
@@ -573,3 +573,16 @@ def test_without_a_quorum_no_lock_is_granted_and_with_it_back_tokens_still_rise(
         second.start()
         after = eventually(backend, "quorum", "a lock once the quorum is back", 30)
     assert after.token > before.token
+
+
+def test_server_time_is_the_leaders_clock(tmp_path: Path) -> None:
+    """The skew check's reference on ZooKeeper: the ``mtime`` the leader stamps on a write,
+    here from a server whose wall clock is an hour ahead of ours (libfaketime)."""
+    from tests.servers.zookeeper import standalone  # a plugin: imported by pytest first
+
+    assert FAKETIME.exists(), "faketime is missing: run scripts/install-servers"
+    skew = {"LD_PRELOAD": str(FAKETIME), "FAKETIME": "+1h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    with standalone(tmp_path / "zk", skew) as server, opened(server.url()) as backend:
+        server_time = backend.server_time()
+    assert server_time is not None
+    assert abs((server_time - datetime.now(UTC)).total_seconds() - 3600) < 1.0

@@ -55,7 +55,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -1034,8 +1034,7 @@ class ZookeeperBackend(Composed):
         can be reached now: what is left goes at a later scan."""
         folder = f"{self._target.prefix}/state"
         namespace, slash, _ = prefix.partition("/")
-        self._ensure_connected()
-        now = self._wait(self._client.set_async(folder, b""), "read the leader's clock").mtime
+        now = self._leader_clock()
         if slash:
             namespaces = [namespace]
         else:
@@ -1072,12 +1071,20 @@ class ZookeeperBackend(Composed):
         self._delete(path, "delete")
 
     def server_time(self) -> datetime | None:
-        """None. ZooKeeper has no clock to ask: the only server times it shows are the
-        ``mtime`` stamps the leader puts on znodes it writes, so reading one costs a quorum
-        write, and its clock is whichever server leads now (another after each election).
-        Sessions expire on the servers' tick timers, never on wall time, so no clock skew
-        between replicas and servers can break a lease."""
-        return None
+        """The leader's wall clock (:meth:`_leader_clock`): a quorum write, which the skew
+        check makes once a minute. Sessions expire on the servers' tick timers, never on
+        wall time, so skew cannot break a lease; but fire times come from each replica's
+        clock, and one that runs ahead would start firings early."""
+        return datetime.fromtimestamp(self._leader_clock() / 1000, UTC)
+
+    def _leader_clock(self) -> int:
+        """Milliseconds on the leader's wall clock: the ``mtime`` it stamps on a write to
+        the state folder (which always exists). ZooKeeper has no other clock to ask; its
+        time is whichever server leads now, accurate to one round trip."""
+        self._ensure_connected()
+        written = self._client.set_async(f"{self._target.prefix}/state", b"")
+        stamp: int = self._wait(written, "read the leader's clock").mtime
+        return stamp
 
     def close(self) -> None:
         """Close the session: its ephemeral nodes (locks still held, places in line) go

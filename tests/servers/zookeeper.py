@@ -73,6 +73,7 @@ class ZookeeperServer:
     port: int = field(default_factory=free_port)
     myid: int = 0
     peers: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -104,7 +105,9 @@ class ZookeeperServer:
         command += ["org.apache.zookeeper.server.quorum.QuorumPeerMain"]
         command += [str(self.workdir / "zoo.cfg")]
         with (self.workdir / "server.log").open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
         return self
 
     def ask(self, command: str) -> str:
@@ -177,8 +180,8 @@ class ZookeeperEnsemble:
 
 
 @contextmanager
-def standalone(workdir: Path) -> Iterator[ZookeeperServer]:
-    server = ZookeeperServer(workdir)
+def standalone(workdir: Path, env: dict[str, str] | None = None) -> Iterator[ZookeeperServer]:
+    server = ZookeeperServer(workdir, env=env or {})
     try:
         server.start().wait_serving()
         yield server
