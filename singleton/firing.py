@@ -57,6 +57,9 @@ DONE = frozenset({SUCCEEDED, SKIPPED})
 ORPHANED = frozenset({RUNNING, INTERRUPTED, ABANDONED})
 #: States that a retry may follow, while attempts remain.
 RETRYABLE = frozenset({FAILED, TIMED_OUT, LOST_LEASE})
+#: How many of a job's latest attempts the first owner in a process looks through for
+#: orphans of earlier firings (:meth:`Firer._close_orphans`).
+ORPHAN_SCAN = 20
 
 #: How much of a command's output goes into its log line (all of it up to output_limit is
 #: captured; the line stays readable).
@@ -130,6 +133,7 @@ class Firer:
         self.tokens = TokenMemory()
         self._owned: dict[str, Owned] = {}
         self._owned_lock = threading.Lock()
+        self._swept: set[str] = set()
 
     # -- what the runner asks -----------------------------------------------------------------
 
@@ -328,6 +332,7 @@ class Firer:
                 return owned
             try:
                 owned.outcome = self._work(job, run, owned, claim, voided, forced)
+                self._close_orphans(job, owned)
             except LeaseLost as exc:
                 self.events.emit("lost", run.job, run.run_id, lease.token, reason=str(exc))
             finally:
@@ -435,6 +440,38 @@ class Firer:
             claim = self.backend.claim(run, owned.keeper.lease, seen=latest.attempt, start=start)
             if not start:
                 return None
+
+    def _close_orphans(self, job: Job, owned: Owned) -> None:
+        """The first time this process holds ``job``'s lock, mark ``abandoned`` the attempts
+        of earlier firings still ``running`` under a lower token. Their owners lost the lock,
+        and nobody else would ever close them: a takeover only looks at its own firing, so
+        after a lone replica was killed mid-run, or a whole fleet restarted, ``history``
+        would show them running for good. After the job ran, so its start waits for nothing;
+        never under ``overlap: allow``, whose attempts run without the lock by design."""
+        with self._owned_lock:
+            if owned.unleased or job.overlap == "allow" or job.name in self._swept:
+                return
+            self._swept.add(job.name)
+        lease = owned.keeper.lease
+        try:
+            for attempt in self.backend.history(job.name, ORPHAN_SCAN):
+                if attempt.state != RUNNING or (attempt.token or 0) >= lease.token:
+                    continue
+                stale = Run(job.name, attempt.run_id, attempt.scheduled_at)
+                was = self.backend.claim(stale, lease, seen=attempt.attempt, start=False).latest
+                if was is None or was.attempt != attempt.attempt or was.state != RUNNING:
+                    continue  # it finished after all, or someone else closed it
+                self.events.emit(
+                    ABANDONED,
+                    job.name,
+                    attempt.run_id,
+                    lease.token,
+                    attempt=attempt.attempt,
+                    previous_token=attempt.token,
+                    previous_replica=attempt.replica,
+                )
+        except BackendError as exc:
+            self.events.emit("backend_error", job.name, owned.run.run_id, error=str(exc))
 
     def _unlock(self, owned: Owned) -> None:
         """``overlap: allow``: let go of the lock once the firing is claimed, so the next

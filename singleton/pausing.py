@@ -181,4 +181,3 @@ def failure_streak(rows: Iterable[Attempt]) -> int:
             break
         streak += 1
     return streak
-

@@ -332,6 +332,59 @@ def test_on_orphan_skip_closes_the_orphan_and_does_not_run_the_job(
     assert second.holder("compact") is None
 
 
+def test_the_first_owner_in_a_process_abandons_an_earlier_firing_left_running(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """A lone replica killed mid-run: nobody stood by to take that firing over, so the
+    restarted replica closes it when it first holds the job's lock."""
+    first, second = backends
+    killed, now = fire_time(60), fire_time()
+    lease = dead_owner(first, "compact", killed, ttl=0.3)
+    wait_for("the dead owner's lease to run out", lambda: second.holder("compact") is None)
+    replica = make_replica(second, "r2")
+
+    replica.fire(make_job("compact", lambda: None), now)
+
+    assert states(second, "compact", killed) == [(1, "abandoned")]
+    assert states(second, "compact", now) == [(1, "succeeded")]
+    closed = replica.recorder.wait_for("abandoned")
+    assert (closed.run_id, closed.fields["previous_token"]) == (
+        run_id("compact", killed),
+        lease.token,
+    )
+
+
+def test_an_earlier_firing_left_running_is_looked_for_once_per_process(
+    backends: tuple[Backend, Backend],
+) -> None:
+    first, second = backends
+    replica = make_replica(second, "r2")
+    replica.fire(make_job("compact", lambda: None), fire_time(3))
+    killed = fire_time(60)
+    dead_owner(first, "compact", killed, ttl=0.3)
+    wait_for("the dead owner's lease to run out", lambda: second.holder("compact") is None)
+
+    replica.fire(make_job("compact", lambda: None), fire_time())
+
+    assert states(second, "compact", killed) == [(1, "running")]
+
+
+def test_overlap_allow_leaves_earlier_running_firings_alone(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """Under ``allow`` a running attempt holds no lock by design, so a lower token proves
+    nothing about its owner."""
+    first, second = backends
+    earlier = fire_time(60)
+    dead_owner(first, "compact", earlier, ttl=0.3)
+    wait_for("the first lease to run out", lambda: second.holder("compact") is None)
+    job = make_job("compact", lambda: None, mode="efficiency", overlap="allow")
+
+    make_replica(second, "r2").fire(job, fire_time())
+
+    assert states(second, "compact", earlier) == [(1, "running")]
+
+
 @pytest.mark.parametrize("state", [INTERRUPTED, ABANDONED])
 def test_an_attempt_that_did_not_end_on_its_own_is_rerun_whatever_max_attempts(
     backends: tuple[Backend, Backend], state: str

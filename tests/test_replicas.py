@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from singleton.backends.base import Attempt
 from singleton.clock import parse_iso
 from tests.replicas import events, fleet, sink_command, skewed, soon, wait_for
 
@@ -113,6 +114,28 @@ def test_sigkill_of_the_owner_mid_run_is_taken_over_within_the_ttl(
     # The killed owner's job died with it, unless (on a loaded machine) it wrote before the
     # kill landed; either way the firing was applied once.
     assert write["token"] == rows[0].token or write["at"] < killed_at
+
+
+def test_a_lone_replica_killed_mid_run_closes_that_firing_when_it_comes_back(
+    tmp_path: Path, backend_url: str
+) -> None:
+    """Nobody stood by to take the firing over; without this, ``history`` would show it
+    ``running`` until the ledger's retention dropped it."""
+    job = {"every": "3s", "command": ["sleep", "1.5"], "lock_ttl": "2s"}
+    with fleet(tmp_path, backend_url, {"nightly": job}) as group:
+        group.start("r1")
+        killed = wait_for("a running attempt", lambda: group.running("nightly"), timeout=20)
+        gone = group.replicas.pop("r1").process
+        gone.kill()
+        gone.wait()
+        group.start("r1")
+
+        def closed() -> Attempt | None:
+            rows = group.ledger.attempts(killed.run_id)
+            return rows[0] if rows[0].state != "running" else None
+
+        assert wait_for("the killed firing closed", closed, timeout=20).state == "abandoned"
+        assert len(group.ledger.attempts(killed.run_id)) == 1, "closed, not rerun"
 
 
 def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, backend_url: str) -> None:

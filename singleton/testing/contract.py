@@ -299,6 +299,18 @@ class BackendContract:
         assert claim.attempt is None
         assert [a.state for a in other.attempts(run.run_id)] == [ABANDONED]
 
+    def test_a_later_firings_lease_abandons_an_earlier_firings_orphan(
+        self, backend: Backend, other: Backend, name: str
+    ) -> None:
+        """How the first owner in a process closes what a killed owner left running."""
+        run, _, second = self.orphaned(backend, other, name)
+        later = make_run(name, run.scheduled_at + timedelta(minutes=1))
+        other.claim(later, second)
+        found = other.claim(run, second, seen=1, start=False)
+        assert found.latest is not None and found.latest.state == RUNNING
+        assert [a.state for a in other.attempts(run.run_id)] == [ABANDONED]
+        assert [a.state for a in other.attempts(later.run_id)] == [RUNNING]
+
     def test_claim_with_an_outdated_view_writes_nothing(self, backend: Backend, name: str) -> None:
         run = make_run(name)
         lease = self.acquire(backend, name)
