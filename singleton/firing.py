@@ -327,6 +327,16 @@ class Firer:
         ).start()
         owned = Owned(run, keeper, cancel, acquired_at=self.clock.monotonic())
         with self._owning(owned):
+            if keeper.lost:
+                # The grant came after its deadline: someone else may hold the lock by now.
+                # Its job never starts; the attempt is voided and acquired again.
+                try:
+                    self._void(run, lease, claim, "the lease ended before its grant arrived")
+                    self.backend.release(lease)
+                except BackendError as exc:
+                    self.events.emit("backend_error", run.job, run.run_id, error=str(exc))
+                owned.voided = claim.attempt.attempt if claim.attempt else 0
+                return owned
             if not self._tokens_ok(job, run, keeper, claim):
                 owned.voided = claim.attempt.attempt if claim.attempt else 0
                 return owned
@@ -398,12 +408,15 @@ class Firer:
         above = max(highest or 0, recorded)
         self.events.emit("token_regression", job.name, run.run_id, lease.token, highest=above)
         keeper.stop()
-        if claim.attempt is not None:
-            self.backend.finish(
-                run, lease, claim.attempt.attempt, Outcome(ABANDONED, "token regression")
-            )
+        self._void(run, lease, claim, "token regression")
         self.backend.evict(job.name, above)  # lets go of our lease and moves the counter
         return False
+
+    def _void(self, run: Run, lease: Lease, claim: Claim, why: str) -> None:
+        """Close the attempt a claim started, before its job ran, as ``abandoned``: the
+        caller acquires again, and :meth:`_decide` reruns it whatever ``on_orphan`` says."""
+        if claim.attempt is not None:
+            self.backend.finish(run, lease, claim.attempt.attempt, Outcome(ABANDONED, why))
 
     def _work(
         self, job: Job, run: Run, owned: Owned, claim: Claim, voided: int, forced: bool

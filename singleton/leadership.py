@@ -28,7 +28,7 @@ from singleton.backends.base import Backend, default_replica_id, new_owner
 from singleton.clock import SYSTEM_CLOCK
 from singleton.jobs import check_name
 from singleton.lease import LeaseKeeper
-from singleton.locking import POLL, Held, seconds, shared_backend
+from singleton.locking import POLL, Held, seconds, shared_backend, try_lock
 
 log = logging.getLogger("singleton.leader")
 
@@ -85,7 +85,7 @@ class Election:
         owner = new_owner(default_replica_id())
         while not self._resigned.is_set():
             try:
-                lease = self._backend.try_acquire(self._name, self._ttl, owner)
+                lease = try_lock(self._backend, self._name, self._ttl, owner)
                 if lease is None:
                     self._backend.wait(self._name, POLL)
                     continue

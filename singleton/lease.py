@@ -13,6 +13,11 @@ firing starting and joining a thread that never renewed anything. One starter th
 clock holds the keepers until their first renewal is due, and a keeper stopped before then
 never has a thread. The first renewal is due before the deadline, so the deadline is still
 watched by the keeper's own thread.
+
+Why renewals are timed from the deadline: it is reckoned from when the request was sent,
+so a reply that came late leaves less of the lease, and the next renewal must come sooner.
+A grant whose reply came after its deadline (a pause between send and reply, TESTING F2b)
+is lost at :meth:`LeaseKeeper.start`, before its job can start.
 """
 
 from __future__ import annotations
@@ -78,9 +83,17 @@ class LeaseKeeper:
         return self._stop.is_set()
 
     def start(self) -> LeaseKeeper:
-        self._next_renewal = self._clock.monotonic() + self._lease.ttl / 3
+        """Watch the lease; lost at once if its deadline passed before its grant arrived."""
+        if self._clock.monotonic() >= self._lease.deadline:
+            self._lose("deadline passed before the grant arrived")
+            return self
+        self._next_renewal = self._renewal_due()
         _starter(self._clock).add(self._next_renewal, self)
         return self
+
+    def _renewal_due(self) -> float:
+        """A third of the TTL after the current grant was sent (two thirds before its end)."""
+        return self._lease.deadline - self._lease.ttl * 2 / 3
 
     def begin(self) -> None:
         """Start renewing in a thread of its own (the starter calls this when the first
@@ -144,7 +157,7 @@ class LeaseKeeper:
                 next_renewal = self._clock.monotonic() + interval / 3
                 continue
             self._on_renewed(self._lease)
-            next_renewal = self._clock.monotonic() + interval
+            next_renewal = self._renewal_due()
 
 
 class _Starter:

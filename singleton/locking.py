@@ -101,6 +101,18 @@ class Held:
         self._lost.set()
 
 
+def try_lock(
+    backend: Backend, name: str, ttl: float, owner: str, clock: Clock = SYSTEM_CLOCK
+) -> Lease | None:
+    """``try_acquire``, refusing a grant whose reply was read after its deadline (a pause
+    between send and reply): someone else may hold the lock by then, so it is let go."""
+    lease = backend.try_acquire(name, ttl, owner)
+    if lease is not None and clock.monotonic() >= lease.deadline:
+        backend.release(lease)
+        return None
+    return lease
+
+
 def acquire(
     backend: Backend, name: str, ttl: float, wait: float, clock: Clock = SYSTEM_CLOCK
 ) -> Lease:
@@ -108,7 +120,7 @@ def acquire(
     owner = new_owner(default_replica_id())
     deadline = clock.monotonic() + wait
     while True:
-        lease = backend.try_acquire(name, ttl, owner)
+        lease = try_lock(backend, name, ttl, owner, clock)
         if lease is not None:
             return lease
         left = deadline - clock.monotonic()

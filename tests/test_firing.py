@@ -27,6 +27,7 @@ from singleton.backends.base import (
     LOST_LEASE,
     TIMED_OUT,
     Backend,
+    Claim,
     Lease,
     Outcome,
     Run,
@@ -330,6 +331,40 @@ def test_on_orphan_skip_closes_the_orphan_and_does_not_run_the_job(
     assert states(second, "compact", at) == [(1, "abandoned")]
     assert replica.recorder.wait_for("taken_over").fields["on_orphan"] == "skip"
     assert second.holder("compact") is None
+
+
+class LateReplies(SqliteBackend):
+    """The first grant's reply is read ``late`` seconds after the acquire went out (a GC
+    pause or SIGSTOP between send and reply: TESTING F2b)."""
+
+    def __init__(self, url: str, late: float) -> None:
+        super().__init__(url)
+        self.late = late
+
+    def acquire_and_claim(self, run: Run, ttl: float, owner: str) -> tuple[Lease, Claim] | None:
+        got = super().acquire_and_claim(run, ttl, owner)
+        if self.late:
+            time.sleep(self.late)
+            self.late = 0.0
+        return got
+
+
+def test_a_grant_read_after_its_deadline_never_starts_the_job_and_the_firing_runs_once(
+    sqlite_path: Path,
+) -> None:
+    backend = LateReplies(f"sqlite:///{sqlite_path}", late=0.6)
+    seen, work = counting()
+    at = fire_time()
+    replica = make_replica(backend, "r1")
+    try:
+        replica.fire(make_job("compact", work, lock_ttl=0.5), at)
+
+        assert [ctx.attempt for ctx in seen] == [2]
+        assert states(backend, "compact", at) == [(1, "abandoned"), (2, "succeeded")]
+        [lost] = replica.recorder.of("lost")
+        assert lost.fields["reason"] == "deadline passed before the grant arrived"
+    finally:
+        backend.close()
 
 
 def test_the_first_owner_in_a_process_abandons_an_earlier_firing_left_running(

@@ -193,6 +193,40 @@ def test_after_a_pause_past_the_deadline_the_lease_is_lost_without_a_renewal() -
     assert backend.renewals == [], "a stale owner must not renew itself back to life"
 
 
+def test_a_grant_read_after_its_deadline_is_lost_before_start_returns() -> None:
+    """TESTING F2b: a pause between sending the acquire and reading its reply."""
+    clock = StoppedClock()
+    backend = ScriptedBackend(clock=clock)
+    lease = backend.try_acquire("lock", 10.0, "me:1")
+    assert lease is not None
+    clock.mono += 11.0
+    lost = Calls()
+
+    keeper = LeaseKeeper(backend, lease, clock, on_lost=lost).start()
+
+    assert lost.args == ["deadline passed before the grant arrived"]
+    assert keeper.lost and keeper.remaining() == 0
+    keeper.stop()
+    assert backend.renewals == []
+
+
+def test_the_first_renewal_is_due_a_third_of_the_ttl_after_the_acquire_was_sent() -> None:
+    """A reply that came late leaves less of the lease: the renewal must not wait a full
+    third of the TTL from when the reply was read."""
+    clock = StoppedClock()
+    backend = ScriptedBackend(clock=clock)
+    lease = backend.try_acquire("lock", 10.0, "me:1")
+    assert lease is not None
+    clock.mono += 2.0  # the reply came 2 s after the request went out
+    with keeping(backend, ttl=10.0, clock=clock, lease=lease) as (_keeper, lost, _):
+        clock.mono += 1.0  # 3 s after the send: not yet due
+        time.sleep(0.05)
+        assert backend.renewals == []
+        clock.mono += 0.5  # 3.5 s after the send, 1.5 s after the reply
+        wait_for("the first renewal", lambda: backend.renewals)
+    assert lost.args == []
+
+
 @pytest.mark.parametrize("ttl", [0.3, 3.0, 30.0])
 def test_the_deadline_is_before_the_ttl_from_when_the_acquire_was_sent(ttl: float) -> None:
     sent = 100.0
