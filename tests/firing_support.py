@@ -17,7 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from singleton.backends.base import Attempt, Backend
+from singleton.backends.base import Attempt, Backend, Claim, Lease, Run
+from singleton.backends.sqlite import SqliteBackend
 from singleton.clock import SYSTEM_CLOCK, Clock
 from singleton.events import Event, Events
 from singleton.firing import Firer
@@ -226,3 +227,29 @@ def until_set(event: threading.Event) -> Iterator[threading.Event]:
         yield event
     finally:
         event.set()
+
+
+class LateFirstReply(SqliteBackend):
+    """Reads the reply to its first grant ``late`` seconds after the acquire went out (a GC
+    pause or SIGSTOP between send and reply: TESTING F2b); ``first_token`` is that grant's."""
+
+    def __init__(self, url: str, late: float) -> None:
+        super().__init__(url)
+        self.late = late
+        self.first_token = 0
+
+    def _reply(self, lease: Lease | None) -> None:
+        if lease is not None and self.late:
+            self.first_token = lease.token
+            time.sleep(self.late)
+            self.late = 0.0
+
+    def try_acquire(self, name: str, ttl: float, owner: str) -> Lease | None:
+        lease = super().try_acquire(name, ttl, owner)
+        self._reply(lease)
+        return lease
+
+    def acquire_and_claim(self, run: Run, ttl: float, owner: str) -> tuple[Lease, Claim] | None:
+        got = super().acquire_and_claim(run, ttl, owner)
+        self._reply(got[0] if got else None)
+        return got

@@ -27,7 +27,6 @@ from singleton.backends.base import (
     LOST_LEASE,
     TIMED_OUT,
     Backend,
-    Claim,
     Lease,
     Outcome,
     Run,
@@ -41,6 +40,7 @@ from singleton.firing import STANDBY_POLL
 from singleton.schedule import run_id
 from singleton.targets import CommandTarget
 from tests.firing_support import (
+    LateFirstReply,
     attempts_of,
     fire_time,
     make_job,
@@ -333,26 +333,10 @@ def test_on_orphan_skip_closes_the_orphan_and_does_not_run_the_job(
     assert second.holder("compact") is None
 
 
-class LateReplies(SqliteBackend):
-    """The first grant's reply is read ``late`` seconds after the acquire went out (a GC
-    pause or SIGSTOP between send and reply: TESTING F2b)."""
-
-    def __init__(self, url: str, late: float) -> None:
-        super().__init__(url)
-        self.late = late
-
-    def acquire_and_claim(self, run: Run, ttl: float, owner: str) -> tuple[Lease, Claim] | None:
-        got = super().acquire_and_claim(run, ttl, owner)
-        if self.late:
-            time.sleep(self.late)
-            self.late = 0.0
-        return got
-
-
 def test_a_grant_read_after_its_deadline_never_starts_the_job_and_the_firing_runs_once(
     sqlite_path: Path,
 ) -> None:
-    backend = LateReplies(f"sqlite:///{sqlite_path}", late=0.6)
+    backend = LateFirstReply(f"sqlite:///{sqlite_path}", late=0.6)
     seen, work = counting()
     at = fire_time()
     replica = make_replica(backend, "r1")

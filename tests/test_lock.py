@@ -25,9 +25,10 @@ import yaml
 import singleton
 import singleton.locking
 from singleton.backends import open_backend
-from singleton.backends.base import Lease, new_owner
+from singleton.backends.base import new_owner
 from singleton.backends.sqlite import SqliteBackend
 from singleton.errors import ConfigError, LeaseLost, LockBusy
+from tests.firing_support import LateFirstReply
 from tests.replicas import ROOT, wait_for
 
 NAME = "compact"
@@ -290,26 +291,11 @@ def test_a_bad_lock_name_is_a_config_error(url: str, name: str) -> None:
     assert singleton.locking._shared == {}, "a bad name must be refused before connecting"
 
 
-class LateFirstGrant(SqliteBackend):
-    """Reads its first grant's reply ``late`` seconds after sending the acquire."""
-
-    late = 0.5
-    first_token = 0
-
-    def try_acquire(self, name: str, ttl: float, owner: str) -> Lease | None:
-        lease = super().try_acquire(name, ttl, owner)
-        if lease is not None and self.late:
-            self.first_token = lease.token
-            time.sleep(self.late)
-            self.late = 0.0
-        return lease
-
-
 def test_a_grant_read_after_its_deadline_is_let_go_and_the_lock_taken_again(
     tmp_path: Path,
 ) -> None:
     """TESTING F2b: a pause between the acquire's send and its reply."""
-    backend = LateFirstGrant(f"sqlite:///{tmp_path / 'state.db'}")
+    backend = LateFirstReply(f"sqlite:///{tmp_path / 'state.db'}", late=0.5)
     try:
         lease = singleton.locking.acquire(backend, NAME, ttl=0.3, wait=5.0)
         assert lease.token > backend.first_token > 0
