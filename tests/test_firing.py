@@ -336,12 +336,12 @@ def test_on_orphan_skip_closes_the_orphan_and_does_not_run_the_job(
 def test_a_grant_read_after_its_deadline_never_starts_the_job_and_the_firing_runs_once(
     sqlite_path: Path,
 ) -> None:
-    backend = LateFirstReply(f"sqlite:///{sqlite_path}", late=0.6)
+    backend = LateFirstReply(f"sqlite:///{sqlite_path}", late=1.6)
     seen, work = counting()
     at = fire_time()
     replica = make_replica(backend, "r1")
     try:
-        replica.fire(make_job("compact", work, lock_ttl=0.5), at)
+        replica.fire(make_job("compact", work, lock_ttl=1.5), at)
 
         assert [ctx.attempt for ctx in seen] == [2]
         assert states(backend, "compact", at) == [(1, "abandoned"), (2, "succeeded")]

@@ -295,9 +295,9 @@ def test_a_grant_read_after_its_deadline_is_let_go_and_the_lock_taken_again(
     tmp_path: Path,
 ) -> None:
     """TESTING F2b: a pause between the acquire's send and its reply."""
-    backend = LateFirstReply(f"sqlite:///{tmp_path / 'state.db'}", late=0.5)
+    backend = LateFirstReply(f"sqlite:///{tmp_path / 'state.db'}", late=1.6)
     try:
-        lease = singleton.locking.acquire(backend, NAME, ttl=0.3, wait=5.0)
+        lease = singleton.locking.acquire(backend, NAME, ttl=1.5, wait=10.0)
         assert lease.token > backend.first_token > 0
         assert time.monotonic() < lease.deadline
     finally:
