@@ -50,6 +50,7 @@ from singleton.jobs import Job
 from singleton.lease import LeaseKeeper
 from singleton.pausing import PauseWatch
 from singleton.schedule import manual_run_id, run_id
+from singleton.targets import Result
 
 #: States of a previous attempt after which the firing is done.
 DONE = frozenset({SUCCEEDED, SKIPPED})
@@ -486,6 +487,20 @@ class Firer:
         except BackendError as exc:
             self.events.emit("backend_error", job.name, owned.run.run_id, error=str(exc))
 
+    def _start(self, job: Job, run: Run, ctx: JobContext) -> Result:
+        """Run the target under the job's ``timeout``."""
+        timer = None
+        if job.timeout is not None:
+            timer = threading.Timer(job.timeout, ctx.cancel.set, (TIMED_OUT,))
+            timer.daemon = True
+            timer.start()
+        self.events.emit("started", job.name, run.run_id, ctx.token, attempt=ctx.attempt)
+        try:
+            return job.target.run(ctx)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     def _unlock(self, owned: Owned) -> None:
         """``overlap: allow``: let go of the lock once the firing is claimed, so the next
         firing (here or elsewhere) can start while this one runs. Tokens stay on the job's
@@ -562,18 +577,15 @@ class Firer:
             cancel=cancel,
             lease_remaining=(lambda: math.inf) if owned.unleased else owned.keeper.remaining,
         )
-        timer = None
-        if job.timeout is not None:
-            timer = threading.Timer(job.timeout, cancel.set, (TIMED_OUT,))
-            timer.daemon = True
-            timer.start()
-        self.events.emit("started", job.name, run.run_id, token, attempt=attempt.attempt)
         started = self.clock.monotonic()
-        try:
-            result = job.target.run(ctx)
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if not owned.unleased and owned.keeper.remaining() <= 0:
+            cancel.set(LOST_LEASE)  # past the deadline, whether or not the keeper woke yet
+        if cancel.is_set():
+            # The lease was lost (or shutdown came) between the claim and now: the job could
+            # only overlap a new owner's run, so it never starts.
+            result = Result(ok=False, error=f"never started: {cancel.reason}")
+        else:
+            result = self._start(job, run, ctx)
         state = cancel.reason or (SUCCEEDED if result.ok else FAILED)
         cause = cancel.cause
         error = None if state == SUCCEEDED else (result.error or state)

@@ -27,6 +27,7 @@ from singleton.backends.base import (
     LOST_LEASE,
     TIMED_OUT,
     Backend,
+    Claim,
     Lease,
     Outcome,
     Run,
@@ -347,6 +348,42 @@ def test_a_grant_read_after_its_deadline_never_starts_the_job_and_the_firing_run
         assert states(backend, "compact", at) == [(1, "abandoned"), (2, "succeeded")]
         [lost] = replica.recorder.of("lost")
         assert lost.fields["reason"] == "deadline passed before the grant arrived"
+    finally:
+        backend.close()
+
+
+class SlowTakeoverClaim(SqliteBackend):
+    """A takeover's claim (attempt 2 onwards) answers only after the lease's deadline, and
+    the coordinator gave the lock to someone else meanwhile: the owner was paused between
+    acquiring and starting the job."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"sqlite:///{path}")
+        self.path = path
+
+    def claim(self, run: Run, lease: Lease, *, seen: int = 0, start: bool = True) -> Claim:
+        found = super().claim(run, lease, seen=seen, start=start)
+        if seen and start:
+            steal_sqlite_lock(self.path, run.job)
+            time.sleep(max(0.0, lease.deadline - time.monotonic()) + 0.05)
+        return found
+
+
+def test_a_lease_past_its_deadline_before_the_job_starts_never_starts_it(
+    sqlite_path: Path, open_sqlite: SqliteFactory
+) -> None:
+    at = fire_time()
+    dead_owner(open_sqlite(), "compact", at, ttl=0.3)
+    backend = SlowTakeoverClaim(sqlite_path)
+    seen, work = counting()
+    replica = make_replica(backend, "r2")
+    try:
+        wait_for("the dead owner's lease to run out", lambda: backend.holder("compact") is None)
+        replica.fire(make_job("compact", work, lock_ttl=1.0), at)
+
+        assert seen == []
+        assert attempts_of(backend, "compact", at)[-1].error == "never started: lost_lease"
+        assert states(backend, "compact", at) == [(1, "abandoned"), (2, "lost_lease")]
     finally:
         backend.close()
 
