@@ -31,7 +31,7 @@ from singleton.errors import BackendUnavailable, ConfigError, LeaseLost
 from singleton.lease import LeaseKeeper
 from singleton.testing.contract import make_run
 from tests.chaos.proxy import Proxy
-from tests.replicas import FAKETIME, wait_for
+from tests.replicas import skewed, wait_for
 from tests.servers import free_port
 
 if TYPE_CHECKING:
@@ -175,25 +175,38 @@ def test_the_granted_session_timeout_is_exposed_and_caps_every_lease(
         assert acquire(backend, "kept", ttl=2).ttl == 2.0
 
 
+def check(tmp_path: Path, url: str, env: dict[str, str] | None = None) -> Any:
+    """``singleton check`` in a process of its own, on a one-job config (lock_ttl 2s)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"backend:\n  url: {url}\n  session_timeout: 4s\n"
+        "jobs:\n  quick:\n    every: 5s\n    lock_ttl: 2s\n    command: ['true']\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "singleton", "check", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+        timeout=60,
+    )
+
+
 @pytest.mark.server
 def test_check_warns_when_a_lock_ttl_is_shorter_than_the_session_timeout(
     zookeeper: ZookeeperServer, tmp_path: Path
 ) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"backend:\n  url: {zookeeper.url()}\n  session_timeout: 4s\n"
-        "jobs:\n  quick:\n    every: 5s\n    lock_ttl: 2s\n    command: ['true']\n"
-    )
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-m", "singleton", "check", str(config)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(root)),
-        timeout=60,
-    )
+    done = check(tmp_path, zookeeper.url())
     assert done.returncode == 0, done.stderr
     assert "jobs.quick.lock_ttl 2s is shorter than the granted session timeout 4s" in done.stderr
+
+
+@pytest.mark.server
+def test_check_refuses_a_host_clock_ahead_of_the_leaders(
+    zookeeper: ZookeeperServer, tmp_path: Path
+) -> None:
+    done = check(tmp_path, zookeeper.url(), skewed("+30s"))
+    assert done.returncode == 78, done.stderr
+    assert "clock skew -30" in done.stderr and "max_skew" in done.stderr, done.stderr
 
 
 @pytest.mark.server
@@ -580,9 +593,7 @@ def test_server_time_is_the_leaders_clock(tmp_path: Path) -> None:
     here from a server whose wall clock is an hour ahead of ours (libfaketime)."""
     from tests.servers.zookeeper import standalone  # a plugin: imported by pytest first
 
-    assert FAKETIME.exists(), "faketime is missing: run scripts/install-servers"
-    skew = {"LD_PRELOAD": str(FAKETIME), "FAKETIME": "+1h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    with standalone(tmp_path / "zk", skew) as server, opened(server.url()) as backend:
+    with standalone(tmp_path / "zk", skewed("+1h")) as server, opened(server.url()) as backend:
         server_time = backend.server_time()
     assert server_time is not None
     assert abs((server_time - datetime.now(UTC)).total_seconds() - 3600) < 1.0
