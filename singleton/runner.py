@@ -292,16 +292,17 @@ class Runner:
 
     def _housekeeping(self) -> None:
         """Enforce the ledger's retention every hour; every minute watch the clock skew to
-        the coordinator and compare this replica's jobs with the fleet's. None of it may
-        ever stop the scheduler."""
+        the coordinator (the first time in :meth:`run`) and compare this replica's jobs with
+        the fleet's. None of it may ever stop the scheduler."""
         next_prune = self.clock.monotonic()
         while not self.stopping.is_set():
-            self._check_skew()  # first: the scheduler waits out a clock found ahead
             if self.clock.monotonic() >= next_prune:
                 self._prune()
                 next_prune = self.clock.monotonic() + PRUNE_EVERY
             self._check_fleet()
-            self.clock.wait(self.stopping, SKEW_EVERY)
+            if self.clock.wait(self.stopping, SKEW_EVERY):
+                break
+            self._check_skew()
         self._leave_fleet()
 
     def _check_fleet(self) -> None:
@@ -360,6 +361,8 @@ class Runner:
             signal.signal(signal.SIGINT, self._on_signal)
         for warning in self.app.warnings(self.backend):
             log.warning(warning)
+        # Before the first firing: a clock found ahead of the coordinator's is waited out.
+        self._check_skew()
         since = self.clock.now()  # where the schedule starts; catch-up covers the time before
         log.info(
             "started",
