@@ -121,7 +121,10 @@ def test_a_lone_replica_killed_mid_run_closes_that_firing_when_it_comes_back(
 ) -> None:
     """Nobody stood by to take the firing over; without this, ``history`` would show it
     ``running`` until the ledger's retention dropped it."""
-    job = {"every": "3s", "command": ["sleep", "1.5"], "lock_ttl": "2s"}
+    # The first run lasts long enough to be killed; later ones end at once.
+    once = tmp_path / "ran-once"
+    script = f"[ -e {once} ] && exit 0; touch {once}; sleep 60"
+    job = {"every": "3s", "command": ["sh", "-c", script], "lock_ttl": "2s"}
     with fleet(tmp_path, backend_url, {"nightly": job}) as group:
         group.start("r1")
         killed = wait_for("a running attempt", lambda: group.running("nightly"), timeout=20)
