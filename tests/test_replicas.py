@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -121,13 +122,16 @@ def test_a_lone_replica_killed_mid_run_closes_that_firing_when_it_comes_back(
 ) -> None:
     """Nobody stood by to take the firing over; without this, ``history`` would show it
     ``running`` until the ledger's retention dropped it."""
-    # The first run lasts long enough to be killed; later ones end at once.
+    # The first run lasts long enough to be killed; later ones end at once. One process,
+    # no shell: the parent-death signal reaches the job's own process only.
     once = tmp_path / "ran-once"
-    script = f"[ -e {once} ] && exit 0; touch {once}; sleep 60"
-    job = {"every": "3s", "command": ["sh", "-c", script], "lock_ttl": "2s"}
+    script = "import pathlib, sys, time\nflag = pathlib.Path(sys.argv[1])\n"
+    script += "if not flag.exists():\n    flag.touch()\n    time.sleep(60)\n"
+    job = {"every": "3s", "command": [sys.executable, "-c", script, str(once)], "lock_ttl": "2s"}
     with fleet(tmp_path, backend_url, {"nightly": job}) as group:
         group.start("r1")
         killed = wait_for("a running attempt", lambda: group.running("nightly"), timeout=20)
+        wait_for("the job to start", once.exists, timeout=10)
         gone = group.replicas.pop("r1").process
         gone.kill()
         gone.wait()
