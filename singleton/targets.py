@@ -30,6 +30,7 @@ from typing import Any, Protocol, cast
 
 from singleton.context import JobContext
 from singleton.errors import ConfigError, LeaseLost
+from singleton.reaper import REAPER
 
 log = logging.getLogger("singleton.targets")
 
@@ -312,6 +313,7 @@ class CommandTarget:
             )
         except OSError as exc:
             return Result(ok=False, error=f"cannot start {self.argv[0]}: {exc}")
+        REAPER.watch(proc.pid)
         with proc:
             assert proc.stdout is not None
             output = _Output(proc.stdout.fileno(), self.output_limit)
@@ -319,6 +321,7 @@ class CommandTarget:
                 self._wait(proc, ctx)
             finally:
                 _signal_group(proc.pid, signal.SIGKILL)
+                REAPER.forget(proc.pid)
                 proc.wait()
                 output.finish()
         reason = _exit_reason(proc.returncode)

@@ -145,6 +145,34 @@ def test_a_lone_replica_killed_mid_run_closes_that_firing_when_it_comes_back(
         assert len(group.ledger.attempts(killed.run_id)) == 1, "closed, not rerun"
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_sigkilled_runner_takes_the_processes_its_job_started_with_it(
+    tmp_path: Path, backend_url: str
+) -> None:
+    """The parent-death signal reaches the job's own process (the shell) only; the runner's
+    reaper kills the rest of its process group (here the shell's ``sleep``)."""
+    pidfile = tmp_path / "grandchild"
+    script = f"sleep 60 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait"
+    job = {"every": "30s", "anchor": soon(), "command": ["sh", "-c", script]}
+    with fleet(tmp_path, backend_url, {"spawner": job}) as group:
+        group.start("r1")
+        wait_for("the job's child", pidfile.exists, timeout=40)
+        child = int(pidfile.read_text())
+        assert alive(child)
+        gone = group.replicas.pop("r1").process
+        gone.kill()
+        gone.wait()
+        wait_for("the job's child to die", lambda: not alive(child), timeout=10)
+
+
 def test_sigstopped_owner_resumes_to_a_refused_write(tmp_path: Path, backend_url: str) -> None:
     sink = tmp_path / "sink.db"
     command = sink_command(sink, sleep=1.0, ignore_term=True)
