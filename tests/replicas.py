@@ -41,7 +41,19 @@ def skewed(offset: str) -> dict[str, str]:
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         "FAKETIME_DONT_RESET": "1",
     }
+
+
 T = TypeVar("T")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie counts as gone (whoever adopted it reaps it in its own
+    time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.05) -> T:

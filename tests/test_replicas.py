@@ -20,7 +20,7 @@ import pytest
 
 from singleton.backends.base import Attempt
 from singleton.clock import parse_iso
-from tests.replicas import events, fleet, sink_command, skewed, soon, wait_for
+from tests.replicas import alive, events, fleet, sink_command, skewed, soon, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -143,15 +143,6 @@ def test_a_lone_replica_killed_mid_run_closes_that_firing_when_it_comes_back(
 
         assert wait_for("the killed firing closed", closed, timeout=20).state == "abandoned"
         assert len(group.ledger.attempts(killed.run_id)) == 1, "closed, not rerun"
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its new parent to reap it does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_sigkilled_runner_takes_the_processes_its_job_started_with_it(

@@ -21,6 +21,7 @@ import pytest
 from singleton.context import JobContext
 from singleton.errors import ConfigError
 from singleton.targets import CallTarget, CommandTarget, Result, load_callable
+from tests.replicas import alive
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -53,15 +54,6 @@ def cancel_when(ctx: JobContext, ready: Callable[[], bool]) -> Iterator[list[flo
     thread.start()
     yield cancelled_at
     thread.join(5)
-
-
-def alive(pid: int) -> bool:
-    """A zombie counts as gone: whoever adopted it reaps it in its own time."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def gone_within(pid: int, seconds: float) -> bool:
