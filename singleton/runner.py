@@ -378,7 +378,8 @@ class Runner:
         self._scheduler_thread = scheduler = threading.Thread(
             target=self.scheduler.run, args=(self.stopping, since), name="scheduler", daemon=True
         )
-        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+        housekeeping = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+        housekeeping.start()
         self._start_catch_ups(since)
         scheduler.start()
         threading.Thread(target=self._watch_pauses, name="pauses", daemon=True).start()
@@ -394,6 +395,8 @@ class Runner:
             if self._overlap_recorder is not None:
                 self._overlaps.put(None)
                 self._overlap_recorder.join(self.app.settings.kill_grace)
+            # It leaves the fleet on its way out: before the caller closes the backend.
+            housekeeping.join(self.app.settings.kill_grace)
         finally:
             if self.endpoint is not None:
                 self.endpoint.stop()

@@ -101,6 +101,29 @@ def test_a_runner_fires_a_job_at_its_scheduled_instants(tmp_path: Path) -> None:
 # --- graceful shutdown -----------------------------------------------------------------------
 
 
+class SlowToForget(MemoryBackend):
+    """Deletes shared state slowly, as a coordinator far away would."""
+
+    def delete(self, key: str) -> None:
+        time.sleep(0.3)
+        super().delete(key)
+
+
+def test_a_runner_has_left_the_fleet_when_run_returns(tmp_path: Path) -> None:
+    """The caller closes the backend next: a withdrawal still on its way would find it
+    closed, and the fleet would list a gone replica until its record expired."""
+    backend = SlowToForget()
+    runner, _ = make_runner(tmp_path, backend, [every_second("tick", lambda: None)])
+    left: list[dict[str, str]] = []
+    loop = Background(lambda: (runner.run(), left.append(backend.scan("fleet/"))))
+    wait_for("the fleet record", lambda: backend.scan("fleet/"))
+
+    runner.stop()
+    loop.join(10.0)
+
+    assert left == [{}]
+
+
 def test_shutdown_gives_a_running_command_its_grace_then_interrupts_it(
     tmp_path: Path, open_sqlite: SqliteFactory
 ) -> None:
