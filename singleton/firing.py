@@ -328,17 +328,9 @@ class Firer:
         ).start()
         owned = Owned(run, keeper, cancel, acquired_at=self.clock.monotonic())
         with self._owning(owned):
-            if keeper.lost:
-                # The grant came after its deadline: someone else may hold the lock by now.
-                # Its job never starts; the attempt is voided and acquired again.
-                try:
-                    self._void(run, lease, claim, "the lease ended before its grant arrived")
-                    self.backend.release(lease)
-                except BackendError as exc:
-                    self.events.emit("backend_error", run.job, run.run_id, error=str(exc))
-                owned.voided = claim.attempt.attempt if claim.attempt else 0
-                return owned
-            if not self._tokens_ok(job, run, keeper, claim):
+            # Either voids the attempt before its job starts; the caller acquires again.
+            late = self._granted_late(run, keeper, claim)
+            if late or not self._tokens_ok(job, run, keeper, claim):
                 owned.voided = claim.attempt.attempt if claim.attempt else 0
                 return owned
             try:
@@ -397,6 +389,18 @@ class Firer:
     def _lost(self, run: Run, token: int, cancel: Cancel, reason: str) -> None:
         self.events.emit("lost", run.job, run.run_id, token, reason=reason)
         cancel.set(LOST_LEASE)
+
+    def _granted_late(self, run: Run, keeper: LeaseKeeper, claim: Claim) -> bool:
+        """A grant that came after its deadline (the keeper lost it at start): someone else
+        may hold the lock by now. Void the attempt before its job starts and let go."""
+        if not keeper.lost:
+            return False
+        try:
+            self._void(run, keeper.lease, claim, "the lease ended before its grant arrived")
+            self.backend.release(keeper.lease)
+        except BackendError as exc:
+            self.events.emit("backend_error", run.job, run.run_id, error=str(exc))
+        return True
 
     def _tokens_ok(self, job: Job, run: Run, keeper: LeaseKeeper, claim: Claim) -> bool:
         """Tokens never go backwards: a token no higher than one seen before (here, or in the
@@ -578,8 +582,7 @@ class Firer:
             lease_remaining=(lambda: math.inf) if owned.unleased else owned.keeper.remaining,
         )
         started = self.clock.monotonic()
-        if not owned.unleased and owned.keeper.remaining() <= 0:
-            cancel.set(LOST_LEASE)  # past the deadline, whether or not the keeper woke yet
+        owned.keeper.check()  # a deadline passed unnoticed sets the cancel (lost_lease) now
         if cancel.is_set():
             # The lease was lost (or shutdown came) between the claim and now: the job could
             # only overlap a new owner's run, so it never starts.

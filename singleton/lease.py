@@ -38,8 +38,9 @@ log = logging.getLogger("singleton.lease")
 class LeaseKeeper:
     """Renews ``lease`` every ``ttl/3`` in a daemon thread until :meth:`stop`.
 
-    ``on_lost(reason)`` is called once, from the keeper's thread, when a renewal is refused
-    or the deadline passes. ``on_renewal_failed(error)`` is called for each renewal that
+    ``on_lost(reason)`` is called once, when a renewal is refused or the deadline passes
+    (from the keeper's thread, or from whoever notices the deadline first: :meth:`check`,
+    :meth:`stop`). ``on_renewal_failed(error)`` is called for each renewal that
     could not reach the coordinator (the keeper retries until the deadline).
     """
 
@@ -60,6 +61,7 @@ class LeaseKeeper:
         self._on_renewed = on_renewed
         self._stop = threading.Event()
         self._lost = threading.Event()
+        self._losing = threading.Lock()
         self._next_renewal = 0.0
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()
@@ -124,14 +126,26 @@ class LeaseKeeper:
             thread.join()
         # A pause can end with stop() racing the keeper's own deadline check: whoever runs
         # first, a lease past its deadline is reported lost.
-        if self._clock.monotonic() >= self._lease.deadline:
-            self._lose("deadline passed")
+        self._expire()
         return self._lease
 
+    def check(self) -> bool:
+        """Whether the lease is lost. A deadline passed while the keeper's thread has not
+        looked yet (asleep, starved, or not started) is declared lost now, by the caller."""
+        if not self._stop.is_set():
+            self._expire()
+        return self._lost.is_set()
+
+    def _expire(self) -> None:
+        if self._clock.monotonic() >= self._lease.deadline:
+            self._lose("deadline passed")
+
     def _lose(self, reason: str) -> None:
-        if not self._lost.is_set():
+        with self._losing:  # once, whichever thread notices first
+            if self._lost.is_set():
+                return
             self._lost.set()
-            self._on_lost(reason)
+        self._on_lost(reason)
 
     def _run(self) -> None:
         interval = self._lease.ttl / 3
