@@ -24,7 +24,7 @@ import click
 
 from singleton import app as app_module
 from singleton import backfill as backfilling
-from singleton import fleet, pausing
+from singleton import fleet, logs, pausing
 from singleton.backends.base import Attempt, Backend, SharedState
 from singleton.clock import SYSTEM_CLOCK, iso_z, parse_iso
 from singleton.durations import parse_duration
@@ -58,6 +58,7 @@ def _errors() -> Iterator[None]:
 
 
 def _fail(message: str, code: int) -> None:
+    logs.flush()  # the log lines before it first: this is the last line
     click.echo(f"singleton: {redact(message)}", err=True)
     sys.exit(code)
 

@@ -136,6 +136,13 @@ class BackgroundWriter(logging.Handler):
             mark.set()
 
 
+def flush() -> None:
+    """Write out every line logged so far: before a line printed straight to stderr (the
+    CLI's last word) or an ``os._exit``, which the writer thread would otherwise race."""
+    for handler in logging.getLogger("singleton").handlers:
+        handler.flush()
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send singleton's logs to stderr in ``fmt``; idempotent, so tests may call it again."""
     handler = BackgroundWriter(sys.stderr)

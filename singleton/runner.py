@@ -27,7 +27,7 @@ from types import FrameType
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from singleton import fleet, pausing
+from singleton import fleet, logs, pausing
 from singleton.app import App
 from singleton.backends.base import Backend, Outcome, Run, SharedState
 from singleton.clock import SYSTEM_CLOCK, Clock, iso_z
@@ -439,8 +439,7 @@ class Runner:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
-            for handler in logging.getLogger("singleton").handlers:
-                handler.flush()
+            logs.flush()
             os.write(2, b"singleton: second signal, exiting now\n")
             os._exit(1)
         log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
